@@ -1,0 +1,36 @@
+"""Command-line plumbing shared by ``python -m compress|export|runtime``.
+
+Follows Polygraphy's ``tools/_main.py``: a ``main(argv) -> int`` whose single expected-error type
+(:class:`~compress.errors.LowrankDeployError`) becomes one line on stderr and exit code 1. Argument
+errors are one line too (exit 2), not argparse's usage block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from compress.errors import LowrankDeployError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are a single ``prog: error: message`` line (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line naming the problem and exit with status 2."""
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_main(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; print expected errors as ``prog: error: message`` and return 1."""
+    try:
+        return main(argv)
+    except LowrankDeployError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,100 @@
+"""Artifact I/O shared by the three packages: atomic writes and JSON with stable formatting.
+
+Nothing is ever half-written: every artifact goes to a temporary name in the destination folder and is
+renamed into place only once it is complete, so an interrupted run leaves the previous file (or none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from compress.errors import UserInputError
+
+
+def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and parents) and check that files can be written in it.
+
+    Raises:
+        UserInputError: if the folder cannot be created or written.
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UserInputError(
+            f"output folder {str(folder)!r} is not writable ({exc.strerror or exc}); choose another OUT=/--out"
+        ) from None
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
+
+    The temporary file keeps the destination's suffix, so writers that pick a format from the suffix
+    (safetensors, ONNX, PNG) still work. On error the temporary file is removed.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        # mkstemp creates 0600; artifacts get the usual permissions (0644 under the default umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically and return the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically and return the path."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
+    """Read a JSON file, turning a missing or corrupt file into a one-line :class:`UserInputError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(f"{what} {str(p)!r} does not exist; run the stage that writes it first")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{what} {str(p)!r} is not valid JSON ({exc}); delete it and re-run") from None
+
+
+def _json_default(obj: Any) -> Any:
+    """Serialise numpy scalars/arrays, paths and tuples that ``json`` does not know."""
+    if isinstance(obj, Path):
+        return str(obj)
+    item = getattr(obj, "item", None)
+    if callable(item) and getattr(obj, "ndim", 1) == 0:
+        return item()
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
