@@ -1,0 +1,431 @@
+"""Public compression API: one frozen config per method, one registered planner, plan → apply → record.
+
+Follows torchao's ``quantize_(model, config, filter_fn)``: :func:`compress_` takes a model and a method
+config, plans, applies the plan in place and returns the plan with the measured errors recorded.
+Planning and applying are also available separately (:func:`plan_compression`, :func:`apply_plan_`),
+so a plan can be inspected, edited and re-applied to a fresh base model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from compress.errors import CompressionError, UserInputError
+from compress.lowrank import (
+    FACTORIZATIONS,
+    Factorization,
+    LayerGeometry,
+    Tucker2,
+    dense_macs,
+    factorization,
+)
+from compress.metrics import count_macs, count_params, trace_geometry
+from compress.plan import KEEP, LayerPlan, Plan
+from compress.ranks import Candidate, EVBMFRule, rank_rule, select_ranks
+
+__all__ = [
+    "METHODS",
+    "FilterFn",
+    "LowRankConfig",
+    "MethodConfig",
+    "apply_plan_",
+    "compress_",
+    "method_config",
+    "plan_compression",
+    "register_method",
+]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+class MethodConfig(Protocol):
+    """What every method config provides: its CLI name and a JSON view."""
+
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view of the config, written next to every artifact."""
+        ...
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Classic per-layer low-rank decomposition (MUSCO's convention for which layer gets what).
+
+    Attributes:
+        method: Decomposition of k×k convs: ``tucker2``, ``svd`` (channel SVD), ``tai`` (spatial SVD), ``cp``.
+            1×1 convs and Linear layers get SVD under every method.
+        ratio: Target parameter compression factor of the whole model (dense / compressed), > 1.
+            ``None`` uses the rank rule's own knob (``energy`` or ``omega``).
+        rank_rule: ``uniform`` (every layer compressed alike), ``evbmf`` (weakened EVBMF) or ``energy``.
+        energy: Retained spectral energy when ``rank_rule="energy"`` and no ratio is given.
+        omega: EVBMF weakening factor when ``rank_rule="evbmf"`` and no ratio is given (1 = plain EVBMF).
+        round_to: Ranks are rounded to a multiple of this (8 suits FP16 tensor cores and AVX-512).
+        min_rank: Smallest rank any factor may get.
+        hooi_iters: HOOI refinement sweeps after the HOSVD initialisation of Tucker-2 (0 = plain HOSVD).
+        compress_pointwise: Factorize 1×1 convs with SVD.
+        compress_linear: Factorize Linear layers with SVD.
+        keep_stem: Leave the image-input conv dense.
+        exclude: fnmatch patterns of module paths to leave dense.
+    """
+
+    method: str = "tucker2"
+    ratio: float | None = 4.0
+    rank_rule: str = "uniform"
+    energy: float = 0.9
+    omega: float = 1.0
+    round_to: int = 8
+    min_rank: int = 8
+    hooi_iters: int = 0
+    compress_pointwise: bool = True
+    compress_linear: bool = True
+    keep_stem: bool = True
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.method not in CONV_METHODS:
+            raise UserInputError(f"unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}")
+        if self.ratio is not None and (not isinstance(self.ratio, (int, float)) or not self.ratio > 1.0):
+            raise UserInputError(f"RATIO must be a number > 1 (parameter compression factor), got {self.ratio!r}")
+        if self.rank_rule not in ("uniform", "evbmf", "energy"):
+            raise UserInputError(f"unknown rank rule {self.rank_rule!r}; known: energy, evbmf, uniform")
+        if self.rank_rule == "uniform" and self.ratio is None:
+            raise UserInputError("rank rule 'uniform' needs a target RATIO")
+        if not 0.0 < self.energy <= 1.0:
+            raise UserInputError(f"energy must be in (0, 1], got {self.energy}")
+        if self.round_to < 1 or self.min_rank < 1:
+            raise UserInputError("round_to and min_rank must be ≥ 1")
+        if self.method == "cp" and self.rank_rule != "uniform":
+            raise UserInputError("METHOD=cp supports only the 'uniform' rank rule")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view."""
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
+
+
+CONV_METHODS = {"tucker2": "tucker2", "svd": "svd", "tai": "tai", "cp": "cp"}
+
+_C = TypeVar("_C")
+Planner = Callable[..., Plan]
+_PLANNERS: dict[type, Planner] = {}
+METHODS: dict[str, Callable[..., Any]] = {}
+
+
+def register_method(name: str, config_factory: Callable[..., Any]) -> None:
+    """Expose a method under a CLI name; ``config_factory(**options)`` builds its config."""
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    METHODS[name] = config_factory
+
+
+def register_planner(config_type: type[_C]) -> Callable[[Planner], Planner]:
+    """Decorator registering the planner that handles configs of ``config_type``."""
+
+    def wrap(fn: Planner) -> Planner:
+        _PLANNERS[config_type] = fn
+        return fn
+
+    return wrap
+
+
+def method_config(name: str, *, ratio: float | None = 4.0, **options: Any) -> Any:
+    """Build the config of method ``name``.
+
+    ``ratio`` is passed as given (``None`` = use the rank rule's own knob); other options that are
+    ``None`` fall back to the config's defaults.
+    """
+    try:
+        factory = METHODS[name]
+    except KeyError:
+        raise UserInputError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+    return factory(ratio=ratio, **{k: v for k, v in options.items() if v is not None})
+
+
+for _name in CONV_METHODS:
+    register_method(_name, lambda _m=_name, **kw: LowRankConfig(method=_m, **kw))
+
+
+# ================================================================================================ planning
+def plan_compression(
+    model: nn.Module,
+    config: Any,
+    example_input: torch.Tensor,
+    *,
+    model_name: str = "model",
+    filter_fn: FilterFn | None = None,
+) -> Plan:
+    """Decide, without changing ``model``, what each layer becomes.
+
+    Args:
+        model: The dense model (not modified).
+        config: A registered method config, e.g. :class:`LowRankConfig`.
+        example_input: One input batch (shapes and MACs are measured on it).
+        model_name: Recorded in the plan.
+        filter_fn: ``filter_fn(module, path) -> bool``; layers where it returns False stay dense.
+    """
+    planner = _PLANNERS.get(type(config))
+    if planner is None:
+        raise UserInputError(f"no planner registered for {type(config).__name__}")
+    return planner(model, config, example_input, model_name=model_name, filter_fn=filter_fn)
+
+
+@register_planner(LowRankConfig)
+def _plan_lowrank(
+    model: nn.Module,
+    config: LowRankConfig,
+    example_input: torch.Tensor,
+    *,
+    model_name: str,
+    filter_fn: FilterFn | None,
+) -> Plan:
+    geometry, order, total_macs = trace_geometry(model, example_input)
+    stem = _find_stem(model, order, int(example_input.shape[1]))
+    conv_fact = Tucker2(hooi_iters=config.hooi_iters) if config.method == "tucker2" else factorization(config.method)
+    pointwise, linear = factorization("pointwise-svd"), factorization("linear-svd")
+
+    entries: dict[str, LayerPlan] = {}
+    candidates: list[Candidate] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        geom = geometry.get(path)
+        if isinstance(module, nn.Conv2d):
+            fact = pointwise if tuple(module.kernel_size) == (1, 1) else conv_fact
+        else:
+            fact = linear
+        reason = _skip_reason(module, path, fact, config, geom, stem, filter_fn)
+        dense_p = _layer_params(module)
+        dense_m = dense_macs(module, geom) if geom is not None else 0
+        if reason is not None:
+            entries[path] = _keep_entry(path, module, geom, reason)
+            continue
+        assert geom is not None  # _skip_reason rejects modules the forward pass did not reach
+        candidates.append(Candidate(path, module, fact, geom, dense_p, dense_m))
+
+    total_params = count_params(model)
+    rule = rank_rule(config.rank_rule)
+    warnings: list[str] = []
+    ratio = config.ratio
+    if isinstance(rule, EVBMFRule) and candidates and not rule.has_structure(candidates):
+        warnings.append(
+            "EVBMF found no structure above the noise level in any layer (random or untrained weights?): "
+            "fell back to the uniform rank rule for the target ratio"
+        )
+        if ratio is None:
+            raise CompressionError(
+                "EVBMF found no structure in any layer and no RATIO was given to fall back on; pass RATIO=…"
+            )
+        rule = rank_rule("uniform")
+    if not candidates:
+        raise CompressionError(
+            f"nothing to compress in {model_name}: every Conv2d/Linear is excluded by rule (see the plan reasons)"
+        )
+    knob = config.energy if rule.name == "energy" else config.omega
+    if rule.name == "energy":
+        knob = 1.0 - config.energy
+    selection = select_ranks(
+        candidates,
+        rule,
+        total_params=total_params,
+        ratio=ratio,
+        knob=knob,
+        round_to=config.round_to,
+        min_rank=config.min_rank,
+    )
+    warnings.extend(selection.warnings)
+    for cand in candidates:
+        ranks = selection.ranks[cand.path]
+        info = dict(selection.info.get(cand.path, {}))
+        if ranks is None:
+            entry = _keep_entry(
+                cand.path, cand.module, cand.geometry, "no parameter gain at the ranks this ratio allows"
+            )
+            entry.info = info
+        else:
+            params, macs = cand.cost(ranks)
+            entry = LayerPlan(
+                path=cand.path,
+                type=type(cand.module).__name__,
+                shape=list(cand.module.weight.shape),
+                action=cand.factorization.name,
+                ranks=list(ranks),
+                reason=None,
+                params_before=cand.params_dense,
+                params_after=params,
+                macs_before=cand.macs_dense,
+                macs_after=macs,
+                in_hw=_hw(cand.geometry.in_hw),
+                out_hw=_hw(cand.geometry.out_hw),
+                info=info,
+            )
+        entries[cand.path] = entry
+
+    layers = [entries[p] for p, m in model.named_modules() if p in entries]
+    params_after = total_params - sum(e.params_before - e.params_after for e in layers)
+    macs_after = total_macs - sum(e.macs_before - e.macs_after for e in layers)
+    plan = Plan(
+        model=model_name,
+        method=config.method,
+        config=config.to_dict(),
+        input_shape=list(example_input.shape),
+        layers=layers,
+        target={
+            "ratio": ratio,
+            "achieved_ratio": total_params / params_after,
+            "rank_rule": rule.name,
+            "knob": {rule.knob_name: selection.knob},
+            "max_ratio": total_params / selection.min_params,
+        },
+        totals={
+            "params_before": total_params,
+            "params_after": params_after,
+            "macs_before": total_macs,
+            "macs_after": macs_after,
+        },
+        warnings=warnings,
+    )
+    return plan
+
+
+def _find_stem(model: nn.Module, order: list[str], in_channels: int) -> str | None:
+    for path in order:
+        module = model.get_submodule(path)
+        if isinstance(module, nn.Conv2d) and module.in_channels == in_channels:
+            return path
+    return None
+
+
+def _skip_reason(
+    module: nn.Module,
+    path: str,
+    fact: Factorization,
+    config: LowRankConfig,
+    geom: LayerGeometry | None,
+    stem: str | None,
+    filter_fn: FilterFn | None,
+) -> str | None:
+    if geom is None:
+        return "not reached by the forward pass (unused or conditional layer)"
+    if config.keep_stem and path == stem:
+        return "stem (image-input conv) is left dense by rule: few parameters, most sensitive layer"
+    if any(fnmatch.fnmatchcase(path, pat) for pat in config.exclude):
+        return "excluded by pattern"
+    if filter_fn is not None and not filter_fn(module, path):
+        return "excluded by filter_fn"
+    if isinstance(module, nn.Linear) and not config.compress_linear:
+        return "Linear layers are left dense by config"
+    if fact.name == "pointwise-svd" and not config.compress_pointwise:
+        return "1×1 convs are left dense by config"
+    reason = fact.unsupported_reason(module)
+    if reason is not None:
+        return reason
+    min_ranks = tuple(min(config.min_rank, m) for m in fact.max_ranks(module))
+    if fact.params(module, min_ranks) >= _layer_params(module):
+        return f"too small to gain: even at ranks {list(min_ranks)} the factorized layer is not smaller"
+    return None
+
+
+def _keep_entry(path: str, module: nn.Module, geom: LayerGeometry | None, reason: str) -> LayerPlan:
+    params = _layer_params(module)
+    macs = dense_macs(module, geom) if geom is not None else 0
+    return LayerPlan(
+        path=path,
+        type=type(module).__name__,
+        shape=list(module.weight.shape),
+        action=KEEP,
+        ranks=None,
+        reason=reason,
+        params_before=params,
+        params_after=params,
+        macs_before=macs,
+        macs_after=macs,
+        in_hw=_hw(geom.in_hw) if geom else None,
+        out_hw=_hw(geom.out_hw) if geom else None,
+    )
+
+
+def _layer_params(module: nn.Module) -> int:
+    bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
+    return int(module.weight.numel()) + int(bias)
+
+
+def _hw(hw: tuple[int, int] | None) -> list[int] | None:
+    return None if hw is None else [int(hw[0]), int(hw[1])]
+
+
+# ================================================================================================ applying
+def apply_plan_(model: nn.Module, plan: Plan, *, init: str = "decompose") -> nn.Module:
+    """Replace every planned layer of ``model`` in place; return ``model``.
+
+    Args:
+        model: A fresh base model of the architecture the plan was made for.
+        plan: The plan.
+        init: ``decompose`` fills the factors from the layer's weights (and records each layer's
+            relative weight error in ``plan``); ``empty`` only builds the shapes, for loading saved
+            weights afterwards.
+
+    Raises:
+        CompressionError: the plan does not match the model (missing layer, other shape).
+    """
+    if init not in ("decompose", "empty"):
+        raise ValueError(f"init must be 'decompose' or 'empty', got {init!r}")
+    hooi = int(plan.config.get("hooi_iters", 0) or 0)
+    for entry in plan.factorized_layers:
+        try:
+            module = model.get_submodule(entry.path)
+        except AttributeError:
+            raise CompressionError(
+                f"plan does not match the model: it has no layer {entry.path!r}; was the plan made for {plan.model}?"
+            ) from None
+        if list(module.weight.shape) != list(entry.shape):
+            raise CompressionError(
+                f"plan does not match the model: {entry.path} has weight shape {list(module.weight.shape)}, "
+                f"the plan says {entry.shape}"
+            )
+        if entry.action not in FACTORIZATIONS:
+            raise CompressionError(f"plan names unknown factorization {entry.action!r} for {entry.path}")
+        fact = Tucker2(hooi_iters=hooi) if entry.action == "tucker2" else factorization(entry.action)
+        ranks = tuple(int(r) for r in entry.ranks or ())
+        fact.check_ranks(module, ranks)
+        if init == "decompose":
+            replacement, rel_error = fact.decompose(module, ranks)
+            entry.rel_error = float(rel_error)
+        else:
+            replacement = fact.build(module, ranks).to(device=module.weight.device)
+        replacement.train(module.training)
+        _set_submodule(model, entry.path, replacement)
+    return model
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, new)
+
+
+def compress_(
+    model: nn.Module,
+    config: Any,
+    example_input: torch.Tensor,
+    *,
+    model_name: str = "model",
+    filter_fn: FilterFn | None = None,
+) -> Plan:
+    """Plan, apply in place and record: the one-call entry point (torchao's ``quantize_`` shape).
+
+    Returns:
+        The plan, with per-layer weight errors and the measured whole-model params/MACs after compression.
+    """
+    plan = plan_compression(model, config, example_input, model_name=model_name, filter_fn=filter_fn)
+    apply_plan_(model, plan)
+    plan.totals["params_after_measured"] = count_params(model)
+    plan.totals["macs_after_measured"] = count_macs(model, example_input)
+    return plan

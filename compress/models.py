@@ -1,0 +1,289 @@
+"""Model zoo access: torchvision classification models by name, or a user factory ``file.py:fn``.
+
+Weights (``--weights``):
+    * ``auto`` — torchvision's pretrained weights when they are cached or can be downloaded, otherwise
+      a seeded random initialisation with a loud warning that is also recorded in every report;
+    * ``imagenet`` — pretrained weights, required: fail clearly when they are unavailable;
+    * ``random`` — seeded random initialisation;
+    * a path — a state_dict or checkpoint (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, or
+      ``.safetensors``). Checkpoints are never unpickled beyond tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import UserInputError
+
+__all__ = ["LoadedModel", "list_models", "load_model", "load_state_dict_file"]
+
+log = logging.getLogger(__name__)
+
+WEIGHT_CHOICES = ("auto", "imagenet", "random")
+_DEFAULT_SIZE = {"inception_v3": 299}
+
+
+@dataclass
+class LoadedModel:
+    """A model with the facts every report needs about where it came from."""
+
+    model: nn.Module
+    spec: str
+    name: str
+    weights: str
+    weights_requested: str
+    warning: str | None
+    input_shape: tuple[int, int, int]
+    num_classes: int | None
+
+
+def list_models() -> list[str]:
+    """Names of torchvision's classification models."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def load_model(
+    spec: str,
+    weights: str = "auto",
+    *,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Build a model from a torchvision name or ``path/to/file.py:fn`` and load its weights.
+
+    Args:
+        spec: torchvision model name (``resnet34``) or a factory ``path/to/file.py:function``.
+        weights: ``auto``, ``imagenet``, ``random`` or a path to a weights file.
+        num_classes: Output classes for a randomly initialised torchvision model (default 1000).
+        input_size: Square input size (default 224; 299 for inception_v3).
+        seed: Seed of the random initialisation (so ``random`` is reproducible).
+
+    Raises:
+        UserInputError: unknown model, unavailable pretrained weights, unreadable weights file.
+    """
+    if not spec:
+        raise UserInputError("no model given; pass MODEL=<torchvision name> or MODEL=path/to/file.py:fn")
+    is_factory = ":" in spec and spec.split(":", 1)[0].endswith(".py")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if is_factory:
+            model, name = _from_factory(spec), Path(spec.split(":", 1)[0]).stem + "." + spec.split(":", 1)[1]
+            pretrained_ok = False
+        else:
+            _check_torchvision_name(spec)
+            name = spec
+            pretrained_ok = True
+        source, warning = "random", None
+        if weights in ("auto", "imagenet") and pretrained_ok:
+            model, source, warning = _torchvision_pretrained(spec, weights, num_classes)
+        elif weights in ("auto", "imagenet"):
+            if weights == "imagenet":
+                raise UserInputError(
+                    f"WEIGHTS=imagenet needs a torchvision model name, not the factory {spec!r}; "
+                    "pass WEIGHTS=path/to/weights.pt"
+                )
+            warning = (
+                f"no pretrained weights are known for the user factory {spec!r}: using its own initialisation; "
+                "pass WEIGHTS=path/to/weights.pt to compress trained weights"
+            )
+        else:
+            if not is_factory:
+                model = _torchvision_build(spec, num_classes=num_classes)
+            if weights != "random":
+                state = load_state_dict_file(weights)
+                _load_into(model, state, weights)
+                source = str(weights)
+    model.eval()
+    size = input_size or _DEFAULT_SIZE.get(name, 224)
+    channels = _input_channels(model)
+    return LoadedModel(
+        model=model,
+        spec=spec,
+        name=name,
+        weights=source,
+        weights_requested=weights,
+        warning=warning,
+        input_shape=(channels, size, size),
+        num_classes=_output_features(model),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ torchvision
+def _check_torchvision_name(name: str) -> None:
+    known = list_models()
+    if name not in known:
+        import difflib
+
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserInputError(
+            f"unknown model {name!r}{hint}; use a torchvision classification model name "
+            "(python -m compress models lists them) or path/to/file.py:function"
+        )
+
+
+def _torchvision_build(name: str, *, num_classes: int | None, weights: Any = None) -> nn.Module:
+    import torchvision
+
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None and weights is None:
+        kwargs["num_classes"] = num_classes
+    if name == "inception_v3" or name.startswith("googlenet"):
+        kwargs["init_weights"] = weights is None
+        kwargs.setdefault("aux_logits", weights is not None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torchvision.models.get_model(name, weights=weights, **kwargs)
+
+
+def _torchvision_pretrained(name: str, mode: str, num_classes: int | None) -> tuple[nn.Module, str, str | None]:
+    """Pretrained weights if cached or downloadable; ``auto`` falls back to random with a warning."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError):
+        enum = None
+    reason: str
+    if enum is None:
+        reason = "torchvision publishes no pretrained weights for it"
+    elif num_classes is not None and num_classes != len(enum.meta.get("categories", [])):
+        reason = f"its pretrained weights have {len(enum.meta['categories'])} classes, not {num_classes}"
+    else:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+        try:
+            model = _torchvision_build(name, num_classes=None, weights=enum)
+            tag = f"imagenet:{type(enum).__name__}.{enum.name}"
+            if not cached.exists():
+                log.info("downloaded %s", enum.url)
+            return model, tag, None
+        except (OSError, RuntimeError, ValueError) as exc:  # network down, corrupt cache, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = f"they are not cached in {cached.parent} and could not be downloaded ({first})"
+    if mode == "imagenet":
+        raise UserInputError(
+            f"WEIGHTS=imagenet: pretrained weights for {name} are unavailable: {reason}; "
+            "copy the .pth file into the torch hub cache or pass WEIGHTS=path/to/weights.pth"
+        )
+    warning = (
+        f"RANDOM WEIGHTS: pretrained weights for {name} are unavailable ({reason}); the model uses a seeded "
+        "random initialisation, so accuracy-related numbers (agreement, EVBMF ranks) say nothing about a trained "
+        "model. Pass WEIGHTS=path/to/weights.pth or cache the torchvision weights."
+    )
+    print(f"WARNING: {warning}", file=sys.stderr)
+    return _torchvision_build(name, num_classes=num_classes), "random", warning
+
+
+# ------------------------------------------------------------------------------------------------ factories
+def _from_factory(spec: str) -> nn.Module:
+    file_part, fn_name = spec.split(":", 1)
+    path = Path(file_part)
+    if not path.is_file():
+        raise UserInputError(f"model factory file {file_part!r} does not exist; use MODEL=path/to/file.py:function")
+    module_name = f"_lowrank_user_model_{abs(hash(path.resolve()))}"
+    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise UserInputError(f"cannot import {file_part!r} as a Python module")
+    module = importlib.util.module_from_spec(loader_spec)
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's own code: report it in one line
+        raise UserInputError(f"importing {file_part!r} failed: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, fn_name, None)
+    if not callable(factory):
+        raise UserInputError(f"{file_part!r} has no function {fn_name!r}; use MODEL=path/to/file.py:function")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ weight files
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.safetensors`` or a ``torch.save`` file with ``weights_only=True``.
+
+    Accepts a bare state_dict or a checkpoint dict holding one under ``state_dict``, ``model`` or
+    ``model_state_dict``; a ``module.`` prefix (DataParallel) is stripped.
+
+    Raises:
+        UserInputError: missing, empty or corrupt file, or no tensors in it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(
+            f"weights file {str(p)!r} does not exist; pass WEIGHTS=auto|imagenet|random or an existing file"
+        )
+    if p.stat().st_size == 0:
+        raise UserInputError(f"weights file {str(p)!r} is empty; re-save the checkpoint")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(p))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for corrupt files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserInputError(
+            f"weights file {str(p)!r} is corrupt or not a weights-only checkpoint ({first}); "
+            "re-save it with torch.save(model.state_dict(), path)"
+        ) from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserInputError(f"weights file {str(p)!r} holds no state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if mismatched:
+            k = mismatched[0]
+            detail.append(
+                f"{len(mismatched)} with other shapes (e.g. {k}: {list(state[k].shape)} vs {list(own[k].shape)})"
+            )
+        raise UserInputError(
+            f"weights file {str(source)!r} does not match the model: {'; '.join(detail)}; "
+            "check MODEL and the number of classes"
+        )
+    model.load_state_dict(state)
+
+
+def _input_channels(model: nn.Module) -> int:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return int(module.in_channels)
+    return 3
+
+
+def _output_features(model: nn.Module) -> int | None:
+    last = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            last = int(module.out_features)
+    return last
