@@ -1,0 +1,291 @@
+"""Command line: ``python -m runtime {bench,report,onnx,env}``.
+
+A thin layer over the library: each subcommand builds runners, calls :func:`runtime.harness.benchmark`
+and writes through :mod:`runtime.report`. Heavy packages (torch, onnxruntime, matplotlib) are imported
+only by the subcommand that needs them, so ``--help`` works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from compress._cli import run_main
+from compress._io import atomic_write_json
+from compress.errors import RuntimeUnavailableError, UserInputError
+
+PROG = "runtime"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {PROG}",
+        description="Measure exported models: latency benchmarks, run reports, environment capture.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark dense vs compressed models of a run directory",
+        description="Benchmark DIR/dense.onnx vs DIR/model.onnx (ort) or the run's PyTorch modules (torch), "
+        "interleaved; writes latency.json, latency.md and latency.png into the run directory.",
+    )
+    bench.add_argument(
+        "--run-dir", required=True, type=Path, help="run directory of the compress/export stages"
+    )
+    bench.add_argument("--backend", default="ort", help="runner backend: ort (default) or torch")
+    _add_device_args(bench)
+    _add_timing_args(bench)
+
+    report = sub.add_parser(
+        "report",
+        help="assemble report.json/.md from a run directory",
+        description="Assemble report.json and report.md from compress.json, parity.json, latency.json "
+        "and the ONNX files of a run directory, and print the Markdown.",
+    )
+    report.add_argument("--run-dir", required=True, type=Path, help="run directory")
+
+    onnx = sub.add_parser(
+        "onnx",
+        help="benchmark arbitrary ONNX files side by side",
+        description="Benchmark ONNX files side by side with ONNX Runtime, interleaved. Inputs are seeded "
+        "random tensors built from each model's input metadata; a dynamic axis 0 takes --batch.",
+    )
+    onnx.add_argument(
+        "models", nargs="+", type=Path, metavar="MODEL.onnx", help="ONNX files; the first is the baseline"
+    )
+    onnx.add_argument(
+        "--shape",
+        action="append",
+        default=None,
+        metavar="NAME:DIMS",
+        help="concrete input shape, e.g. input:1x3x224x224 (repeatable; needed for dynamic non-batch axes)",
+    )
+    onnx.add_argument(
+        "--json", type=Path, default=None, metavar="OUT.json", help="write the full record here"
+    )
+    _add_device_args(onnx)
+    _add_timing_args(onnx)
+
+    sub.add_parser(
+        "env", help="print the captured environment as JSON", description="Print capture_environment()."
+    )
+    return parser
+
+
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="cpu", help="cpu (default), cuda, or tensorrt (ort only)")
+    group.add_argument("--threads", type=int, default=None, help="intra-op threads (ort) / torch threads")
+
+
+def _add_timing_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("timing")
+    group.add_argument("--batch", type=int, default=1, help="batch size of the generated inputs (default 1)")
+    group.add_argument("--duration", type=float, default=10.0, help="measurement budget in s for all models")
+    group.add_argument(
+        "--iters", type=int, default=None, help="exact timed iterations per model (overrides --duration)"
+    )
+    group.add_argument(
+        "--min-iters", type=int, default=20, help="minimum timed iterations per model (default 20)"
+    )
+    group.add_argument(
+        "--warmup", type=float, default=1.0, help="minimum warm-up seconds per model (default 1.0)"
+    )
+    group.add_argument(
+        "--warmup-iters", type=int, default=10, help="minimum warm-up iterations per model (default 10)"
+    )
+    group.add_argument("--no-interleave", action="store_true", help="measure models one after the other")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the subcommand; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    command = {"bench": _cmd_bench, "report": _cmd_report, "onnx": _cmd_onnx, "env": _cmd_env}[args.command]
+    return command(args)
+
+
+# Subcommands ------------------------------------------------------------------------------------------
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from runtime.base import runner_class
+    from runtime.env import capture_environment
+    from runtime.harness import benchmark
+    from runtime.report import latency_markdown, write_latency
+
+    runner_class(args.backend)  # unknown name → one-line error listing the known backends
+    run_dir: Path = args.run_dir
+    if not run_dir.is_dir():
+        raise UserInputError(
+            f"run directory {str(run_dir)!r} does not exist; run the compress and export stages first"
+        )
+    config = _config(args)
+    if args.backend == "ort":
+        runners = _ort_runners(run_dir, args)
+        extra = {"ort_intra_op_threads": args.threads}
+    elif args.backend == "torch":
+        runners = _torch_runners(run_dir, args)
+        extra = {"torch_threads": args.threads}
+    else:
+        raise UserInputError(f"bench does not support backend {args.backend!r} yet; use ort or torch")
+
+    result = benchmark(runners, _feed_factory(args.batch, args.seed), config)
+    env = capture_environment({**extra, "command": "bench", "device": args.device, "seed": args.seed})
+    record = write_latency(run_dir, result, env, backend=args.backend, batch=args.batch)
+    print(latency_markdown(record))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from runtime.report import REPORT_MD, write_report
+
+    write_report(args.run_dir)
+    print((args.run_dir / REPORT_MD).read_text(encoding="utf-8"))
+    return 0
+
+
+def _cmd_onnx(args: argparse.Namespace) -> int:
+    from runtime.env import capture_environment
+    from runtime.harness import benchmark
+    from runtime.ort_runner import OrtRunner
+    from runtime.report import latency_markdown, latency_record
+
+    shapes = _parse_shapes(args.shape)
+    names = _unique_names(args.models)
+    runners = {
+        name: OrtRunner(path, providers=_ort_providers(args.device), intra_op_threads=args.threads, name=name)
+        for name, path in zip(names, args.models, strict=True)
+    }
+    for name, path in zip(names, args.models, strict=True):
+        if not path.is_file():
+            raise UserInputError(f"ONNX file {str(path)!r} ({name}) does not exist")
+    result = benchmark(runners, _feed_factory(args.batch, args.seed, shapes), _config(args))
+    env = capture_environment(
+        {"ort_intra_op_threads": args.threads, "command": "onnx", "device": args.device}
+    )
+    record = latency_record(result, env, backend="ort", batch=args.batch)
+    record["models"] = {name: str(path) for name, path in zip(names, args.models, strict=True)}
+    record["speedups"] = {name: result.speedup(names[0], name).to_dict() for name in names[1:]}
+    print(latency_markdown(record))
+    for name, estimate in record["speedups"].items():
+        lo, hi = estimate["ci95"]
+        print(f"{name} vs {names[0]}: {estimate['p50_ratio']:.3f}× (95% CI {lo:.3f}–{hi:.3f})")
+    if args.json is not None:
+        atomic_write_json(args.json, record)
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from runtime.env import capture_environment
+
+    print(json.dumps(capture_environment(), indent=2))
+    return 0
+
+
+# Helpers ----------------------------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from runtime.harness import BenchmarkConfig
+
+    return BenchmarkConfig(
+        warmup_iters=args.warmup_iters,
+        warmup_s=args.warmup,
+        iters=args.iters,
+        duration_s=args.duration,
+        min_iters=args.min_iters,
+        interleave=not args.no_interleave,
+        batch=args.batch,
+    )
+
+
+def _feed_factory(batch: int, seed: int, shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
+    from runtime.harness import random_feed
+
+    def make(key: str, runner: Any) -> dict[str, Any]:
+        return random_feed(runner.get_input_metadata(), batch=batch, seed=seed, shapes=shapes, model=key)
+
+    return make
+
+
+def _ort_providers(device: str) -> tuple[str, ...]:
+    table = {"cpu": ("cpu",), "cuda": ("cuda",), "tensorrt": ("tensorrt", "cuda")}
+    if device not in table:
+        raise UserInputError(f"unknown --device {device!r} for ort; use one of: {', '.join(table)}")
+    return table[device]
+
+
+def _ort_runners(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from runtime.ort_runner import OrtRunner
+
+    runners = {}
+    for key, file_name in (("dense", "dense.onnx"), ("compressed", "model.onnx")):
+        path = run_dir / file_name
+        if not path.is_file():
+            raise UserInputError(
+                f"{file_name} is missing in {str(run_dir)!r}; run the export stage (`python -m export`) first"
+            )
+        runners[key] = OrtRunner(
+            path, providers=_ort_providers(args.device), intra_op_threads=args.threads, name=key
+        )
+    return runners
+
+
+def _torch_runners(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    if args.device not in ("cpu", "cuda") and not str(args.device).startswith("cuda:"):
+        raise UserInputError(f"unknown --device {args.device!r} for torch; use cpu, cuda or cuda:N")
+    if importlib.util.find_spec("compress.artifacts") is None:
+        raise RuntimeUnavailableError(
+            "--backend torch loads the run with compress.artifacts.load_run, which this checkout "
+            "does not have yet; use --backend ort"
+        )
+    from compress.artifacts import load_run
+    from runtime.torch_runner import TorchRunner
+
+    run = load_run(run_dir)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    shape = tuple(run.input_shape)
+    input_shapes = {"input": (None, *shape[1:])}
+    return {
+        key: TorchRunner(module, input_shapes=input_shapes, device=args.device, name=key)
+        for key, module in (("dense", run.dense), ("compressed", run.compressed))
+    }
+
+
+def _parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items or ():
+        name, sep, dims = item.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.replace(",", "x").split("x") if d)
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d < 0 for d in shape):
+            raise UserInputError(f"--shape {item!r} is not NAME:DIMS such as input:1x3x224x224")
+        shapes[name] = shape
+    return shapes
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    names: list[str] = []
+    for path in paths:
+        name, i = path.stem, 2
+        while name in names:
+            name, i = f"{path.stem}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(PROG, main))

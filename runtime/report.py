@@ -1,0 +1,462 @@
+"""Latency records (``latency.json/.md/.png``) and the run report (``report.json/.md``).
+
+A run directory collects the stages' outputs::
+
+    compress.json   compress stage: model, method, weights, params/MACs, agreement
+    dense.onnx      export stage: the dense model
+    model.onnx      export stage: the compressed model
+    parity.json     export stage: ONNX vs PyTorch error for both models
+    latency.json    runtime bench: per-model latency statistics, samples, speedup, memory, environment
+    report.json     runtime report: the summary automation reads (stable keys, see :func:`write_report`)
+
+All files are written atomically (temporary name, then rename). matplotlib is imported only inside
+:func:`plot_latency`, and it draws on an Agg canvas without touching pyplot's global state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress._io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from compress.errors import UserInputError
+from runtime.harness import BenchmarkResult
+
+LATENCY_JSON = "latency.json"
+LATENCY_MD = "latency.md"
+LATENCY_PNG = "latency.png"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+COMPRESS_JSON = "compress.json"
+PARITY_JSON = "parity.json"
+DENSE_ONNX = "dense.onnx"
+COMPRESSED_ONNX = "model.onnx"
+
+BASELINE = "dense"
+CANDIDATE = "compressed"
+
+_STAGE_HINTS = {
+    COMPRESS_JSON: "run the compress stage (`python -m compress`) first",
+    PARITY_JSON: "run the export stage (`python -m export`) first",
+    LATENCY_JSON: "run `python -m runtime bench --run-dir {run_dir}` first",
+}
+
+
+# Latency ----------------------------------------------------------------------------------------------
+
+
+def latency_record(
+    result: BenchmarkResult,
+    env: Mapping[str, Any],
+    *,
+    backend: str,
+    batch: int,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Build the ``latency.json`` dict from a benchmark result.
+
+    Schema::
+
+        {"backend", "batch", "config": BenchmarkConfig fields, "env": capture_environment(),
+         "runners": {key: Runner.info()},
+         "results": {key: {"n", "p50", "p90", "p99", "mean", "std", "min", "max", "throughput",
+                           "samples_ms": [...]}},            # times in ms, throughput in items/s
+         "warmup": {key: {"iters", "s"}},
+         "speedup": {"baseline", "candidate", "p50_ratio", "ci95": [lo, hi], "confidence", "n_boot", "seed"}
+                    | null,
+         "memory": {"process": {...}, "runners": {key: {...}}}, "wall_s"}
+
+    ``speedup`` compares ``compressed`` with ``dense`` when both keys exist, else the second runner with
+    the first when there are exactly two, else it is ``null``.
+    """
+    data = result.to_dict(include_samples=True)
+    pair = _speedup_pair(list(result.stats))
+    speed = None
+    if pair is not None:
+        estimate = result.speedup(pair[0], pair[1], n_boot=n_boot, seed=seed)
+        speed = {"baseline": pair[0], "candidate": pair[1], **estimate.to_dict()}
+    return {
+        "backend": backend,
+        "batch": batch,
+        "config": data["config"],
+        "env": dict(env),
+        "runners": data["runners"],
+        "results": data["results"],
+        "warmup": data["warmup"],
+        "speedup": speed,
+        "memory": data["memory"],
+        "wall_s": data["wall_s"],
+    }
+
+
+def write_latency(
+    run_dir: str | os.PathLike[str],
+    result: BenchmarkResult,
+    env: Mapping[str, Any],
+    *,
+    backend: str,
+    batch: int,
+) -> dict[str, Any]:
+    """Write ``latency.json``, ``latency.md`` and ``latency.png`` into ``run_dir``; return the JSON dict.
+
+    See :func:`latency_record` for the JSON schema.
+    """
+    folder = Path(run_dir)
+    record = latency_record(result, env, backend=backend, batch=batch)
+    atomic_write_json(folder / LATENCY_JSON, record)
+    atomic_write_text(folder / LATENCY_MD, latency_markdown(record))
+    samples = {key: entry["samples_ms"] for key, entry in record["results"].items()}
+    plot_latency(samples, folder / LATENCY_PNG, title=f"{backend}, batch {batch}")
+    return record
+
+
+def latency_markdown(record: Mapping[str, Any]) -> str:
+    """Markdown table of a ``latency.json`` dict: model, p50, p90, p99, mean ± std, throughput, RSS."""
+    lines = [
+        f"# Latency ({record['backend']}, batch {record['batch']})",
+        "",
+        latency_table(record),
+        "",
+    ]
+    speed = record.get("speedup")
+    if speed:
+        lo, hi = speed["ci95"]
+        lines.append(
+            f"Speedup of {speed['candidate']} over {speed['baseline']} (p50 ratio): "
+            f"**{speed['p50_ratio']:.3f}×** (95% CI {lo:.3f}–{hi:.3f})"
+        )
+        lines.append("")
+    cfg = record.get("config", {})
+    mode = "interleaved" if cfg.get("interleave") else "sequential"
+    budget = f"{cfg.get('iters')} iterations" if cfg.get("iters") else f"{cfg.get('duration_s')} s"
+    lines.append(
+        f"Method: {mode}, {budget} per run (min {cfg.get('min_iters')} per model), warm-up "
+        f"≥ {cfg.get('warmup_iters')} iterations and ≥ {cfg.get('warmup_s')} s per model."
+    )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def latency_table(record: Mapping[str, Any]) -> str:
+    """The Markdown table alone (one row per runner key)."""
+    rows = [
+        "| model | n | p50 ms | p90 ms | p99 ms | mean ± std ms | throughput /s | RSS MB | +activate MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    mem = record.get("memory", {}).get("runners", {})
+    for key, stats in record["results"].items():
+        runner_mem = mem.get(key, {})
+        rows.append(
+            f"| {key} | {stats['n']} | {stats['p50']:.3f} | {stats['p90']:.3f} | {stats['p99']:.3f} | "
+            f"{stats['mean']:.3f} ± {stats['std']:.3f} | {stats['throughput']:.1f} | "
+            f"{_mb(runner_mem.get('rss_after_activate_bytes'))} | "
+            f"{_mb(runner_mem.get('activate_rss_delta_bytes'))} |"
+        )
+    return "\n".join(rows)
+
+
+def plot_latency(
+    samples_ms: Mapping[str, Sequence[float]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+) -> Path:
+    """Violin + box plot of per-iteration latency per model, with each p50 annotated; written as PNG.
+
+    Violins and boxes cover samples up to each model's p99 (so rare outliers do not flatten them); p99 is
+    marked and the maximum is given under each name. Uses matplotlib's object API on an Agg canvas (no
+    pyplot, no global backend switch).
+
+    Raises:
+        UserInputError: if a model has no samples.
+        RuntimeUnavailableError: if matplotlib is not installed.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        from compress.errors import RuntimeUnavailableError
+
+        raise RuntimeUnavailableError(
+            "latency plots need matplotlib; install it with `pip install matplotlib`"
+        ) from None
+
+    names = list(samples_ms)
+    data = [np.asarray(samples_ms[n], dtype=np.float64) for n in names]
+    if not data or any(d.size == 0 for d in data):
+        raise UserInputError("plot_latency needs at least one sample per model")
+    fig = Figure(figsize=(max(4.0, 1.8 * len(names) + 1.5), 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    positions = np.arange(1, len(names) + 1)
+    # Violins show the bulk (up to p99 of each model) so that rare outliers don't squash them; p99 is
+    # marked, and the maximum is given in the label.
+    p50s = [float(np.percentile(d, 50)) for d in data]
+    p99s = [float(np.percentile(d, 99)) for d in data]
+    trimmed = [d[d <= hi] if np.count_nonzero(d <= hi) > 1 else d for d, hi in zip(data, p99s, strict=True)]
+    ax.violinplot(trimmed, positions=positions, showextrema=False)
+    ax.boxplot(trimmed, positions=positions, widths=0.15, showfliers=False)
+    ax.scatter(positions, p99s, marker="_", s=200, color="tab:red", label="p99", zorder=3)
+    for pos, p50 in zip(positions, p50s, strict=True):
+        ax.annotate(f"p50 {p50:.3f} ms", xy=(pos, p50), xytext=(pos + 0.12, p50), fontsize=8, va="center")
+    ax.set_xticks(positions)
+    ax.set_xticklabels([f"{n}\n(n={d.size}, max {d.max():.3g} ms)" for n, d in zip(names, data, strict=True)])
+    top = max(p99s)
+    ax.set_ylim(0.0, top * 1.15 if top > 0 else 1.0)
+    ax.set_ylabel("latency per inference (ms)")
+    ax.set_title(title or "latency")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    dest = Path(path)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")
+    return dest
+
+
+# Report -----------------------------------------------------------------------------------------------
+
+
+def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Assemble ``report.json`` and ``report.md`` from a run directory; return the JSON dict.
+
+    ``report.json`` keys (a stable contract read by automation)::
+
+        {"model", "method", "weights", "input_shape", "backend", "batch",
+         "dense": {"params", "macs", "onnx_bytes", "latency_ms": {"p50", "p90", "p99"}},
+         "compressed": {same keys},
+         "parity": {"max_abs", "max_rel", "atol", "rtol"},   # compressed ONNX vs its PyTorch
+         "parity_dense": {"max_abs", "max_rel"},              # dense ONNX vs its PyTorch
+         "ratios": {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency"},
+         "weights_warning": str | null, "agreement": from compress.json,
+         "env": from latency.json, "artifacts": [file names in the run directory]}
+
+    ``ratios.params`` and ``ratios.macs`` are dense / compressed; ``speedup_p50`` is
+    p50(dense) / p50(compressed); ``efficiency`` is ``speedup_p50 / ratios.macs`` (1.0 means the MAC
+    reduction fully turned into speed).
+
+    Raises:
+        UserInputError: if the directory or a stage's file is missing (naming the stage to run), or a
+            file lacks a required key.
+    """
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise UserInputError(f"run directory {str(folder)!r} does not exist; run the compress stage first")
+    comp = _read_stage(folder, COMPRESS_JSON)
+    parity = _read_stage(folder, PARITY_JSON)
+    latency = _read_stage(folder, LATENCY_JSON)
+
+    sides = {}
+    for side, onnx_name in ((BASELINE, DENSE_ONNX), (CANDIDATE, COMPRESSED_ONNX)):
+        stats = _require(latency, f"results.{side}", LATENCY_JSON, folder)
+        sides[side] = {
+            "params": _require(comp, f"{side}.params", COMPRESS_JSON, folder),
+            "macs": _require(comp, f"{side}.macs", COMPRESS_JSON, folder),
+            "onnx_bytes": _onnx_bytes(folder / onnx_name, parity.get(side, {})),
+            "latency_ms": {q: _require(stats, q, LATENCY_JSON, folder) for q in ("p50", "p90", "p99")},
+        }
+
+    speed = latency.get("speedup") or {}
+    if speed.get("baseline", BASELINE) != BASELINE or speed.get("candidate", CANDIDATE) != CANDIDATE:
+        speed = {}
+    speedup_p50 = speed.get("p50_ratio")
+    if speedup_p50 is None:
+        speedup_p50 = _ratio(sides[BASELINE]["latency_ms"]["p50"], sides[CANDIDATE]["latency_ms"]["p50"])
+    macs_ratio = _ratio(sides[BASELINE]["macs"], sides[CANDIDATE]["macs"])
+    ratios = {
+        "params": _ratio(sides[BASELINE]["params"], sides[CANDIDATE]["params"]),
+        "macs": macs_ratio,
+        "speedup_p50": speedup_p50,
+        "speedup_ci95": speed.get("ci95"),
+        "efficiency": _ratio(speedup_p50, macs_ratio),
+    }
+    par_c = _require(parity, CANDIDATE, PARITY_JSON, folder)
+    par_d = _require(parity, BASELINE, PARITY_JSON, folder)
+    artifacts = sorted(
+        {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+        | {REPORT_JSON, REPORT_MD}
+    )
+    report = {
+        "model": _require(comp, "model", COMPRESS_JSON, folder),
+        "method": _require(comp, "method", COMPRESS_JSON, folder),
+        "weights": comp.get("weights"),
+        "input_shape": comp.get("input_shape"),
+        "backend": latency.get("backend"),
+        "batch": latency.get("batch"),
+        BASELINE: sides[BASELINE],
+        CANDIDATE: sides[CANDIDATE],
+        "parity": {
+            "max_abs": par_c.get("max_abs"),
+            "max_rel": par_c.get("max_rel"),
+            "atol": parity.get("atol"),
+            "rtol": parity.get("rtol"),
+        },
+        "parity_dense": {"max_abs": par_d.get("max_abs"), "max_rel": par_d.get("max_rel")},
+        "ratios": ratios,
+        "weights_warning": comp.get("weights_warning"),
+        "agreement": comp.get("agreement"),
+        "env": latency.get("env", {}),
+        "artifacts": artifacts,
+    }
+    atomic_write_json(folder / REPORT_JSON, report)
+    atomic_write_text(folder / REPORT_MD, report_markdown(report, has_plot=(folder / LATENCY_PNG).is_file()))
+    return report
+
+
+def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
+    """Human summary of a ``report.json`` dict (warning first, table, ratios, parity, plot, environment)."""
+    lines: list[str] = []
+    if report.get("weights_warning"):
+        lines += [f"> **WARNING: {report['weights_warning']}**", ""]
+    lines += [f"# {report['model']} — {report['method']}", ""]
+    shape = report.get("input_shape")
+    shape_text = "×".join(str(d) for d in shape) if shape else "?"
+    lines += [
+        f"Weights: {report.get('weights')} · input {shape_text} · backend {report.get('backend')} · "
+        f"batch {report.get('batch')}",
+        "",
+    ]
+    d, c, r = report[BASELINE], report[CANDIDATE], report["ratios"]
+    lines += [
+        "| | dense | compressed | dense / compressed |",
+        "|---|---:|---:|---:|",
+        f"| params | {_si(d['params'])} | {_si(c['params'])} | {_x(r['params'])} |",
+        f"| MACs | {_si(d['macs'])} | {_si(c['macs'])} | {_x(r['macs'])} |",
+        f"| ONNX MB | {_mb(d['onnx_bytes'])} | {_mb(c['onnx_bytes'])} | "
+        f"{_x(_ratio(d['onnx_bytes'], c['onnx_bytes']))} |",
+    ]
+    for q in ("p50", "p90", "p99"):
+        dq, cq = d["latency_ms"][q], c["latency_ms"][q]
+        lines.append(f"| {q} ms | {dq:.3f} | {cq:.3f} | {_x(_ratio(dq, cq))} |")
+    lines.append("")
+    ci = r.get("speedup_ci95")
+    ci_text = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else ""
+    eff = r.get("efficiency")
+    lines += [
+        f"- **Speedup (p50): {_x(r['speedup_p50'])}**{ci_text}",
+        f"- Params ratio {_x(r['params'])}, MACs ratio {_x(r['macs'])}, efficiency (speedup / MACs ratio) "
+        f"{'n/a' if eff is None else f'{eff:.2f}'}",
+    ]
+    par, par_d = report["parity"], report.get("parity_dense") or {}
+    tol = ""
+    if par.get("atol") is not None or par.get("rtol") is not None:
+        tol = f" (atol {_g(par.get('atol'))}, rtol {_g(par.get('rtol'))})"
+    lines.append(
+        f"- Parity, compressed ONNX vs PyTorch: max_abs {_g(par.get('max_abs'))}, "
+        f"max_rel {_g(par.get('max_rel'))}{tol}; dense: max_abs {_g(par_d.get('max_abs'))}, "
+        f"max_rel {_g(par_d.get('max_rel'))}"
+    )
+    agreement = report.get("agreement")
+    if isinstance(agreement, Mapping) and agreement:
+        lines.append(
+            "- Agreement (dense vs compressed): " + ", ".join(f"{k} {_g(v)}" for k, v in agreement.items())
+        )
+    lines.append("")
+    if has_plot:
+        lines += ["![latency](latency.png)", ""]
+    lines += ["## Environment", ""]
+    lines += [f"- {item}" for item in _env_lines(report.get("env") or {})]
+    lines.append("")
+    return "\n".join(lines)
+
+
+# Internals --------------------------------------------------------------------------------------------
+
+
+def _speedup_pair(keys: list[str]) -> tuple[str, str] | None:
+    if BASELINE in keys and CANDIDATE in keys:
+        return BASELINE, CANDIDATE
+    if len(keys) == 2:
+        return keys[0], keys[1]
+    return None
+
+
+def _read_stage(folder: Path, name: str) -> dict[str, Any]:
+    path = folder / name
+    if not path.is_file():
+        hint = _STAGE_HINTS[name].format(run_dir=folder)
+        raise UserInputError(f"{name} is missing in {str(folder)!r}; {hint}")
+    data = read_json(path, what=name)
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _require(data: Mapping[str, Any], dotted: str, file_name: str, folder: Path) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            hint = _STAGE_HINTS[file_name].format(run_dir=folder).replace(" first", " again")
+            raise UserInputError(f"{file_name} in {str(folder)!r} lacks key {dotted!r}; {hint}")
+        node = node[part]
+    return node
+
+
+def _onnx_bytes(path: Path, parity_side: Mapping[str, Any]) -> int | None:
+    if path.is_file():
+        return path.stat().st_size
+    value = parity_side.get("onnx_bytes") if isinstance(parity_side, Mapping) else None
+    return int(value) if value is not None else None
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return float(num) / float(den)
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def _g(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 1e6:.1f}"
+
+
+def _si(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    for factor, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{suffix}"
+    return f"{value:g}"
+
+
+def _env_lines(env: Mapping[str, Any]) -> list[str]:
+    cpu = env.get("cpu") or {}
+    osinfo = env.get("os") or {}
+    py = env.get("python") or {}
+    pkgs = env.get("packages") or {}
+    threads = env.get("threads") or {}
+    gpu = env.get("gpu")
+    lines = [
+        f"CPU: {cpu.get('model')} ({cpu.get('physical_cores')} physical / {cpu.get('logical_cores')} logical "
+        f"cores, {cpu.get('affinity_cores')} usable)",
+        f"OS: {osinfo.get('system')} {osinfo.get('release')}; Python {py.get('version')}",
+        "Packages: " + ", ".join(f"{k} {v}" for k, v in pkgs.items() if v is not None),
+        f"ONNX Runtime providers: {', '.join(env.get('onnxruntime_providers') or []) or 'n/a'}",
+        f"Threads: torch {threads.get('torch')}, ORT intra-op {threads.get('ort_intra_op') or 'default'}",
+        "GPU: "
+        + (
+            f"{gpu.get('name')} (driver {gpu.get('driver')}, CUDA {gpu.get('cuda_runtime')})"
+            if isinstance(gpu, Mapping)
+            else "none"
+        ),
+    ]
+    if env.get("jetson"):
+        lines.append(f"Jetson: {env['jetson']}")
+    lines.append(f"Measured: {env.get('timestamp_utc')}")
+    return lines

@@ -1,0 +1,228 @@
+"""latency.json/.md/.png and report.json/.md written from a fake run directory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from compress.errors import UserInputError
+from runtime.harness import BenchmarkConfig, benchmark
+from runtime.report import latency_record, plot_latency, write_latency, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STAT_KEYS = {"n", "p50", "p90", "p99", "mean", "std", "min", "max", "throughput"}
+ENV = {"cpu": {"model": "TestCPU", "logical_cores": 2}, "packages": {"numpy": np.__version__}, "gpu": None}
+
+
+@pytest.fixture
+def fake_result(fake_runner_cls, call_log, fake_clock, x_feed):
+    """A benchmark of dense (4 ms) vs compressed (2 ms) fake runners on the fake clock."""
+    runners = {
+        "dense": fake_runner_cls("dense", log=call_log, clock=fake_clock, cost_s=0.004),
+        "compressed": fake_runner_cls("compressed", log=call_log, clock=fake_clock, cost_s=0.002),
+    }
+    return benchmark(runners, x_feed, BenchmarkConfig(warmup_iters=1, warmup_s=0.0, iters=12, batch=1))
+
+
+def test_latency_files(tmp_path, fake_result):
+    record = write_latency(tmp_path, fake_result, ENV, backend="ort", batch=1)
+    on_disk = json.loads((tmp_path / "latency.json").read_text())
+    assert on_disk == json.loads(json.dumps(record))
+    assert set(on_disk) == {
+        "backend",
+        "batch",
+        "config",
+        "env",
+        "runners",
+        "results",
+        "warmup",
+        "speedup",
+        "memory",
+        "wall_s",
+    }
+    assert (on_disk["backend"], on_disk["batch"]) == ("ort", 1)
+    assert on_disk["env"] == ENV
+    assert on_disk["config"]["iters"] == 12
+    assert list(on_disk["results"]) == ["dense", "compressed"]
+    for key, p50 in (("dense", 4.0), ("compressed", 2.0)):
+        entry = on_disk["results"][key]
+        assert set(entry) == STAT_KEYS | {"samples_ms"}
+        assert entry["n"] == 12
+        assert len(entry["samples_ms"]) == 12
+        assert entry["p50"] == pytest.approx(p50)
+        assert entry["samples_ms"] == pytest.approx([p50] * 12)
+    speed = on_disk["speedup"]
+    assert (speed["baseline"], speed["candidate"]) == ("dense", "compressed")
+    assert speed["p50_ratio"] == pytest.approx(
+        on_disk["results"]["dense"]["p50"] / on_disk["results"]["compressed"]["p50"]
+    )
+    assert speed["ci95"] == pytest.approx([2.0, 2.0])
+    assert set(on_disk["memory"]) == {"process", "runners"}
+    assert set(on_disk["memory"]["runners"]) == {"dense", "compressed"}
+
+    md = (tmp_path / "latency.md").read_text()
+    assert "| model | n | p50 ms | p90 ms | p99 ms | mean ± std ms | throughput /s | RSS MB |" in md
+    assert "| dense | 12 | 4.000 | 4.000 | 4.000 | 4.000 ± 0.000 | 250.0 |" in md
+    assert "| compressed | 12 | 2.000 |" in md
+    assert "**2.000×**" in md
+
+    assert (tmp_path / "latency.png").read_bytes()[:8] == PNG_MAGIC
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_latency_speedup_pair_rules(fake_runner_cls, call_log, x_feed):
+    cfg = BenchmarkConfig(warmup_iters=0, warmup_s=0.0, iters=3)
+    three = benchmark({n: fake_runner_cls(n, log=call_log) for n in "abc"}, x_feed, cfg)
+    assert latency_record(three, {}, backend="ort", batch=1)["speedup"] is None
+    two = benchmark({n: fake_runner_cls(n, log=call_log) for n in "ab"}, x_feed, cfg)
+    speed = latency_record(two, {}, backend="ort", batch=1)["speedup"]
+    assert (speed["baseline"], speed["candidate"]) == ("a", "b")
+
+
+def test_plot_latency_png(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = {"a": rng.lognormal(0, 0.2, 200).tolist(), "b": [1.0, 50.0]}  # an outlier-heavy second model
+    path = plot_latency(samples, tmp_path / "p.png", title="t")
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 5_000
+    with pytest.raises(UserInputError, match="at least one sample"):
+        plot_latency({"a": []}, tmp_path / "q.png")
+
+
+def test_plotting_leaves_pyplot_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    plot_latency({"a": [1.0, 2.0, 3.0]}, tmp_path / "p.png")
+    assert matplotlib.get_backend() == before
+
+
+# report ----------------------------------------------------------------------------------------------
+
+
+def _with_latency(run_dir, fake_result):
+    write_latency(run_dir, fake_result, ENV, backend="ort", batch=1)
+    return run_dir
+
+
+def test_report_schema_and_ratios(run_dir, fake_result):
+    _with_latency(run_dir, fake_result)
+    report = write_report(run_dir)
+    on_disk = json.loads((run_dir / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    contract = {
+        "model",
+        "method",
+        "weights",
+        "input_shape",
+        "backend",
+        "dense",
+        "compressed",
+        "parity",
+        "env",
+    }
+    extras = {"ratios", "weights_warning", "agreement", "parity_dense", "artifacts", "batch"}
+    assert set(on_disk) == contract | extras
+    comp = json.loads((run_dir / "compress.json").read_text())
+    assert (on_disk["model"], on_disk["method"], on_disk["weights"]) == ("tiny", "tucker2", "random")
+    assert on_disk["input_shape"] == [1, 3, 8, 8]
+    assert on_disk["backend"] == "ort"
+    for side, onnx_name in (("dense", "dense.onnx"), ("compressed", "model.onnx")):
+        entry = on_disk[side]
+        assert set(entry) == {"params", "macs", "onnx_bytes", "latency_ms"}
+        assert set(entry["latency_ms"]) == {"p50", "p90", "p99"}
+        assert entry["params"] == comp[side]["params"]
+        assert entry["macs"] == comp[side]["macs"]
+        assert entry["onnx_bytes"] == (run_dir / onnx_name).stat().st_size
+    assert on_disk["dense"]["latency_ms"]["p50"] == pytest.approx(4.0)
+    assert on_disk["compressed"]["latency_ms"]["p99"] == pytest.approx(2.0)
+    ratios = on_disk["ratios"]
+    assert set(ratios) == {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency"}
+    assert ratios["params"] == pytest.approx(comp["dense"]["params"] / comp["compressed"]["params"])
+    assert ratios["macs"] == pytest.approx(comp["dense"]["macs"] / comp["compressed"]["macs"])
+    assert ratios["speedup_p50"] == pytest.approx(2.0)
+    assert ratios["speedup_ci95"] == pytest.approx([2.0, 2.0])
+    assert ratios["efficiency"] == pytest.approx(ratios["speedup_p50"] / ratios["macs"])
+    assert on_disk["parity"]["max_abs"] == 3.0e-6  # the compressed model's
+    assert on_disk["parity"]["max_rel"] == 4.0e-6
+    assert on_disk["parity_dense"] == {"max_abs": 1.0e-6, "max_rel": 2.0e-6}
+    assert on_disk["weights_warning"] == comp["weights_warning"]
+    assert on_disk["agreement"] == comp["agreement"]
+    assert on_disk["env"] == ENV
+    assert on_disk["artifacts"] == sorted(
+        [
+            "compress.json",
+            "dense.onnx",
+            "latency.json",
+            "latency.md",
+            "latency.png",
+            "model.onnx",
+            "parity.json",
+            "report.json",
+            "report.md",
+        ]
+    )
+
+
+def test_report_markdown(run_dir, fake_result):
+    _with_latency(run_dir, fake_result)
+    write_report(run_dir)
+    md = (run_dir / "report.md").read_text()
+    first = md.splitlines()[0]
+    assert "WARNING" in first
+    assert "random weights" in first
+    assert "| params | 269 | 137 | 1.96× |" in md
+    assert "| p50 ms | 4.000 | 2.000 | 2.00× |" in md
+    assert "Speedup (p50): 2.00×" in md
+    assert "max_abs 3e-06" in md
+    assert "![latency](latency.png)" in md
+    assert "TestCPU" in md
+
+
+def test_report_without_weights_warning(run_dir, fake_result):
+    comp = json.loads((run_dir / "compress.json").read_text())
+    comp["weights_warning"] = None
+    (run_dir / "compress.json").write_text(json.dumps(comp))
+    _with_latency(run_dir, fake_result)
+    report = write_report(run_dir)
+    assert report["weights_warning"] is None
+    assert "WARNING" not in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("missing", "stage"),
+    [
+        ("compress.json", "python -m compress"),
+        ("parity.json", "python -m export"),
+        ("latency.json", "python -m runtime bench"),
+    ],
+)
+def test_report_names_the_missing_stage(run_dir, fake_result, missing, stage):
+    _with_latency(run_dir, fake_result)
+    (run_dir / missing).unlink()
+    with pytest.raises(UserInputError, match=stage) as info:
+        write_report(run_dir)
+    assert missing in str(info.value)
+    assert not (run_dir / "report.json").exists()
+
+
+def test_report_missing_dir_and_missing_keys(tmp_path, run_dir, fake_result):
+    with pytest.raises(UserInputError, match="does not exist"):
+        write_report(tmp_path / "nowhere")
+    _with_latency(run_dir, fake_result)
+    comp = json.loads((run_dir / "compress.json").read_text())
+    del comp["dense"]["macs"]
+    (run_dir / "compress.json").write_text(json.dumps(comp))
+    with pytest.raises(UserInputError, match=r"lacks key 'dense\.macs'"):
+        write_report(run_dir)
+
+
+def test_report_falls_back_to_parity_onnx_bytes(run_dir, fake_result):
+    _with_latency(run_dir, fake_result)
+    (run_dir / "dense.onnx").unlink()
+    report = write_report(run_dir)
+    assert report["dense"]["onnx_bytes"] == 1  # parity.json's value
+    assert "dense.onnx" not in report["artifacts"]
