@@ -72,6 +72,8 @@ class LowRankConfig:
         compress_pointwise: Factorize 1×1 convs with SVD.
         compress_linear: Factorize Linear layers with SVD.
         keep_stem: Leave the image-input conv dense.
+        min_share: A layer holding less than this fraction of the model's parameters *and* of its MACs
+            is left dense: factorizing it adds layers (latency) for no measurable saving.
         exclude: fnmatch patterns of module paths to leave dense.
     """
 
@@ -86,6 +88,7 @@ class LowRankConfig:
     compress_pointwise: bool = True
     compress_linear: bool = True
     keep_stem: bool = True
+    min_share: float = 0.005
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -99,6 +102,8 @@ class LowRankConfig:
             raise UserInputError("rank rule 'uniform' needs a target RATIO")
         if not 0.0 < self.energy <= 1.0:
             raise UserInputError(f"energy must be in (0, 1], got {self.energy}")
+        if not 0.0 <= self.min_share < 1.0:
+            raise UserInputError(f"min_share must be in [0, 1), got {self.min_share}")
         if self.round_to < 1 or self.min_rank < 1:
             raise UserInputError("round_to and min_rank must be ≥ 1")
         if self.method == "cp" and self.rank_rule != "uniform":
@@ -190,6 +195,7 @@ def _plan_lowrank(
     stem = _find_stem(model, order, int(example_input.shape[1]))
     conv_fact = Tucker2(hooi_iters=config.hooi_iters) if config.method == "tucker2" else factorization(config.method)
     pointwise, linear = factorization("pointwise-svd"), factorization("linear-svd")
+    total_params = count_params(model)
 
     entries: dict[str, LayerPlan] = {}
     candidates: list[Candidate] = []
@@ -201,16 +207,21 @@ def _plan_lowrank(
             fact = pointwise if tuple(module.kernel_size) == (1, 1) else conv_fact
         else:
             fact = linear
-        reason = _skip_reason(module, path, fact, config, geom, stem, filter_fn)
         dense_p = _layer_params(module)
         dense_m = dense_macs(module, geom) if geom is not None else 0
+        reason = _skip_reason(module, path, fact, config, geom, stem, filter_fn)
+        share_p, share_m = dense_p / max(total_params, 1), dense_m / max(total_macs, 1)
+        if reason is None and share_p < config.min_share and share_m < config.min_share:
+            reason = (
+                f"negligible ({100 * share_p:.2f}% of params, {100 * share_m:.2f}% of MACs < "
+                f"{100 * config.min_share:g}%): factorizing adds a layer for no measurable saving"
+            )
         if reason is not None:
             entries[path] = _keep_entry(path, module, geom, reason)
             continue
         assert geom is not None  # _skip_reason rejects modules the forward pass did not reach
         candidates.append(Candidate(path, module, fact, geom, dense_p, dense_m))
 
-    total_params = count_params(model)
     rule = rank_rule(config.rank_rule)
     warnings: list[str] = []
     ratio = config.ratio

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compress._cli import run_main
+from compress._cli import ArgumentParser, run_main
 from compress._io import atomic_write_json
 from compress.errors import RuntimeUnavailableError, UserInputError
 
@@ -24,7 +24,7 @@ PROG = "runtime"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=f"python -m {PROG}",
         description="Measure exported models: latency benchmarks, run reports, environment capture.",
     )
@@ -36,9 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark DIR/dense.onnx vs DIR/model.onnx (ort) or the run's PyTorch modules (torch), "
         "interleaved; writes latency.json, latency.md and latency.png into the run directory.",
     )
-    bench.add_argument(
-        "--run-dir", required=True, type=Path, help="run directory of the compress/export stages"
-    )
+    bench.add_argument("--run-dir", required=True, type=Path, help="run directory of the compress/export stages")
     bench.add_argument("--backend", default="ort", help="runner backend: ort (default) or torch")
     _add_device_args(bench)
     _add_timing_args(bench)
@@ -67,15 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME:DIMS",
         help="concrete input shape, e.g. input:1x3x224x224 (repeatable; needed for dynamic non-batch axes)",
     )
-    onnx.add_argument(
-        "--json", type=Path, default=None, metavar="OUT.json", help="write the full record here"
-    )
+    onnx.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the full record here")
     _add_device_args(onnx)
     _add_timing_args(onnx)
 
-    sub.add_parser(
-        "env", help="print the captured environment as JSON", description="Print capture_environment()."
-    )
+    sub.add_parser("env", help="print the captured environment as JSON", description="Print capture_environment().")
     return parser
 
 
@@ -92,15 +86,9 @@ def _add_timing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--iters", type=int, default=None, help="exact timed iterations per model (overrides --duration)"
     )
-    group.add_argument(
-        "--min-iters", type=int, default=20, help="minimum timed iterations per model (default 20)"
-    )
-    group.add_argument(
-        "--warmup", type=float, default=1.0, help="minimum warm-up seconds per model (default 1.0)"
-    )
-    group.add_argument(
-        "--warmup-iters", type=int, default=10, help="minimum warm-up iterations per model (default 10)"
-    )
+    group.add_argument("--min-iters", type=int, default=20, help="minimum timed iterations per model (default 20)")
+    group.add_argument("--warmup", type=float, default=1.0, help="minimum warm-up seconds per model (default 1.0)")
+    group.add_argument("--warmup-iters", type=int, default=10, help="minimum warm-up iterations per model (default 10)")
     group.add_argument("--no-interleave", action="store_true", help="measure models one after the other")
     group.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
@@ -124,9 +112,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     runner_class(args.backend)  # unknown name → one-line error listing the known backends
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
-        raise UserInputError(
-            f"run directory {str(run_dir)!r} does not exist; run the compress and export stages first"
-        )
+        raise UserInputError(f"run directory {str(run_dir)!r} does not exist; run the compress and export stages first")
     config = _config(args)
     if args.backend == "ort":
         runners = _ort_runners(run_dir, args)
@@ -168,9 +154,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise UserInputError(f"ONNX file {str(path)!r} ({name}) does not exist")
     result = benchmark(runners, _feed_factory(args.batch, args.seed, shapes), _config(args))
-    env = capture_environment(
-        {"ort_intra_op_threads": args.threads, "command": "onnx", "device": args.device}
-    )
+    env = capture_environment({"ort_intra_op_threads": args.threads, "command": "onnx", "device": args.device})
     record = latency_record(result, env, backend="ort", batch=args.batch)
     record["models"] = {name: str(path) for name, path in zip(names, args.models, strict=True)}
     record["speedups"] = {name: result.speedup(names[0], name).to_dict() for name in names[1:]}
@@ -233,9 +217,7 @@ def _ort_runners(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             raise UserInputError(
                 f"{file_name} is missing in {str(run_dir)!r}; run the export stage (`python -m export`) first"
             )
-        runners[key] = OrtRunner(
-            path, providers=_ort_providers(args.device), intra_op_threads=args.threads, name=key
-        )
+        runners[key] = OrtRunner(path, providers=_ort_providers(args.device), intra_op_threads=args.threads, name=key)
     return runners
 
 

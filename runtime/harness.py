@@ -205,9 +205,7 @@ def speedup(
         ratios[start:stop] = np.median(a[idx_a], axis=1) / np.median(b[idx_b], axis=1)
     tail = (1.0 - confidence) / 2.0 * 100.0
     lo, hi = np.percentile(ratios, [tail, 100.0 - tail])
-    return SpeedupEstimate(
-        ratio=ratio, ci95=(float(lo), float(hi)), confidence=confidence, n_boot=n_boot, seed=seed
-    )
+    return SpeedupEstimate(ratio=ratio, ci95=(float(lo), float(hi)), confidence=confidence, n_boot=n_boot, seed=seed)
 
 
 @dataclass
@@ -415,8 +413,7 @@ def _concrete_shape(
             for axis, dim in enumerate(spec.shape):
                 if not spec.is_dynamic(axis) and shape[axis] != dim:
                     raise UserInputError(
-                        f"{model}: shape {list(shape)} for {input_name!r} contradicts "
-                        f"{spec.describe()} at axis {axis}"
+                        f"{model}: shape {list(shape)} for {input_name!r} contradicts {spec.describe()} at axis {axis}"
                     )
         return shape
     if spec.shape is None:
@@ -434,8 +431,7 @@ def _concrete_shape(
             dims.append(batch)
         else:
             raise UserInputError(
-                f"{model}: input {input_name!r} has dynamic axis {axis} ({_dim_text(dim)}) in "
-                f"{spec.describe()}; {hint}"
+                f"{model}: input {input_name!r} has dynamic axis {axis} ({_dim_text(dim)}) in {spec.describe()}; {hint}"
             )
     return tuple(dims)
 

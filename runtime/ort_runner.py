@@ -57,8 +57,7 @@ def _import_ort() -> Any:
         import onnxruntime
     except ImportError:
         raise RuntimeUnavailableError(
-            "the ort backend needs ONNX Runtime; install `onnxruntime` (CPU) "
-            "or `onnxruntime-gpu` (CUDA/TensorRT)"
+            "the ort backend needs ONNX Runtime; install `onnxruntime` (CPU) or `onnxruntime-gpu` (CUDA/TensorRT)"
         ) from None
     return onnxruntime
 
@@ -113,8 +112,7 @@ class OrtRunner(Runner):
         resolved = tuple(resolve_provider(p) for p in providers)
         if graph_optimization_level not in _OPT_LEVELS:
             raise UserInputError(
-                f"unknown graph_optimization_level {graph_optimization_level!r}; "
-                f"use one of: {', '.join(_OPT_LEVELS)}"
+                f"unknown graph_optimization_level {graph_optimization_level!r}; use one of: {', '.join(_OPT_LEVELS)}"
             )
         if intra_op_threads is not None and intra_op_threads < 1:
             raise UserInputError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
@@ -150,9 +148,7 @@ class OrtRunner(Runner):
         options.log_severity_level = 3
         errors = _ort_errors()
         try:
-            session = ort.InferenceSession(
-                str(self.onnx_path), sess_options=options, providers=list(self.providers)
-            )
+            session = ort.InferenceSession(str(self.onnx_path), sess_options=options, providers=list(self.providers))
         except errors as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserInputError(f"ONNX Runtime cannot load {str(self.onnx_path)!r}: {first_line}") from None

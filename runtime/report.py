@@ -278,8 +278,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     par_c = _require(parity, CANDIDATE, PARITY_JSON, folder)
     par_d = _require(parity, BASELINE, PARITY_JSON, folder)
     artifacts = sorted(
-        {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
-        | {REPORT_JSON, REPORT_MD}
+        {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")} | {REPORT_JSON, REPORT_MD}
     )
     report = {
         "model": _require(comp, "model", COMPRESS_JSON, folder),
@@ -353,9 +352,7 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
     )
     agreement = report.get("agreement")
     if isinstance(agreement, Mapping) and agreement:
-        lines.append(
-            "- Agreement (dense vs compressed): " + ", ".join(f"{k} {_g(v)}" for k, v in agreement.items())
-        )
+        lines.append("- Agreement (dense vs compressed): " + ", ".join(f"{k} {_g(v)}" for k, v in agreement.items()))
     lines.append("")
     if has_plot:
         lines += ["![latency](latency.png)", ""]

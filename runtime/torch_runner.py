@@ -24,9 +24,7 @@ def _import_torch() -> Any:
     try:
         import torch
     except ImportError:
-        raise RuntimeUnavailableError(
-            "the torch backend needs PyTorch; install it with `pip install torch`"
-        ) from None
+        raise RuntimeUnavailableError("the torch backend needs PyTorch; install it with `pip install torch`") from None
     return torch
 
 
@@ -96,8 +94,7 @@ class TorchRunner(Runner):
             index = torch.device(self.device).index or 0
             if index >= torch.cuda.device_count():
                 raise RuntimeUnavailableError(
-                    f"device {self.device!r} requested but only {torch.cuda.device_count()} CUDA "
-                    "device(s) exist"
+                    f"device {self.device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
                 )
         self._torch = torch
         first = next(self.model.parameters(), None)
@@ -118,8 +115,7 @@ class TorchRunner(Runner):
         torch = self._torch
         with torch.inference_mode():
             args = [
-                torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device, non_blocking=False)
-                for n in self._meta
+                torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device, non_blocking=False) for n in self._meta
             ]
             out = self.model(*args)
             if self.is_cuda:
@@ -183,8 +179,7 @@ class TorchRunner(Runner):
             names = self.output_names or tuple(f"output_{i}" for i in range(len(out)))
             if len(names) != len(out):
                 raise UserInputError(
-                    f"runner {self.name!r}: model returned {len(out)} outputs but {len(names)} "
-                    f"output_names were given"
+                    f"runner {self.name!r}: model returned {len(out)} outputs but {len(names)} output_names were given"
                 )
             return {n: self._to_numpy(n, v) for n, v in zip(names, out, strict=True)}
         raise UserInputError(

@@ -77,9 +77,7 @@ def make_tiny_onnx(
         numpy_helper.from_array(fc_b, "fc_b"),
     ]
     nodes = [
-        helper.make_node(
-            "Conv", ["input", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]
-        ),
+        helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
         helper.make_node("Relu", ["c"], ["r"]),
         helper.make_node("GlobalAveragePool", ["r"], ["p"]),
         helper.make_node("Flatten", ["p"], ["f"], axis=1),

@@ -90,9 +90,7 @@ def test_env_prints_json(run_cli):
 
 
 def test_bench_sequential_and_batch(run_dir, capsys):
-    code, out, _ = _run(
-        ["bench", "--run-dir", str(run_dir), "--no-interleave", "--batch", "3", *FAST], capsys
-    )
+    code, out, _ = _run(["bench", "--run-dir", str(run_dir), "--no-interleave", "--batch", "3", *FAST], capsys)
     assert code == 0
     latency = json.loads((run_dir / "latency.json").read_text())
     assert latency["config"]["interleave"] is False
@@ -141,9 +139,7 @@ def test_bench_torch_uses_load_run(run_dir, capsys, monkeypatch, tiny_onnx, onnx
         )
 
     monkeypatch.setattr(artifacts, "load_run", fake_load_run)
-    code, out, err = _run(
-        ["bench", "--run-dir", str(run_dir), "--backend", "torch", "--batch", "2", *FAST], capsys
-    )
+    code, out, err = _run(["bench", "--run-dir", str(run_dir), "--backend", "torch", "--batch", "2", *FAST], capsys)
     assert code == 0, err
     assert calls == [run_dir]
     latency = json.loads((run_dir / "latency.json").read_text())

@@ -144,9 +144,7 @@ def test_warmup_until_both_iterations_and_time(fake_runner_cls, call_log, fake_c
     assert result.warmup["B"]["s"] == 5 * 3 / 64
 
 
-def test_interleaved_warmup_keeps_all_runners_going_until_all_are_warm(
-    fake_runner_cls, call_log, fake_clock, x_feed
-):
+def test_interleaved_warmup_keeps_all_runners_going_until_all_are_warm(fake_runner_cls, call_log, fake_clock, x_feed):
     runners = _runners(fake_runner_cls, call_log, fake_clock, costs=COSTS)
     cfg = BenchmarkConfig(warmup_iters=2, warmup_s=0.125, iters=1)
     result = benchmark(runners, x_feed, cfg)
@@ -237,10 +235,7 @@ def test_memory_record(fake_runner_cls, call_log, x_feed):
     assert proc["peak_rss_bytes"] >= proc["rss_end_bytes"]
     for key in ("A", "B"):
         mem = result.memory["runners"][key]
-        assert (
-            mem["activate_rss_delta_bytes"]
-            == mem["rss_after_activate_bytes"] - mem["rss_before_activate_bytes"]
-        )
+        assert mem["activate_rss_delta_bytes"] == mem["rss_after_activate_bytes"] - mem["rss_before_activate_bytes"]
         assert mem["peak_rss_after_activate_bytes"] >= mem["rss_after_activate_bytes"]
         assert mem["runner"]["fake_device_bytes"] == 1234
     data = result.to_dict()
@@ -326,9 +321,7 @@ def test_speedup_bootstrap_chunks_cover_all_resamples(monkeypatch):
     assert all(np.isfinite(est.ci95))
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"), [({"n_boot": 0}, "n_boot"), ({"confidence": 1.0}, "confidence")]
-)
+@pytest.mark.parametrize(("kwargs", "message"), [({"n_boot": 0}, "n_boot"), ({"confidence": 1.0}, "confidence")])
 def test_speedup_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         speedup([1.0], [1.0], **kwargs)

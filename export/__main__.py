@@ -1,0 +1,136 @@
+"""Command line of the export stage.
+
+``python -m export onnx --run-dir DIR`` exports the dense and the compressed model of a compress run
+to ``DIR/dense.onnx`` and ``DIR/model.onnx`` (both optimized), checks ONNX Runtime against PyTorch and
+writes ``DIR/parity.json``. ``python -m export check FILE.onnx`` prints a graph summary as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from compress._cli import ArgumentParser, run_main
+from compress._io import atomic_write_json, ensure_writable_dir
+from compress.errors import ParityError, UserInputError
+from export.onnx import MIN_EXPORT_OPSET, graph_summary, load_onnx, onnx_from_torch, save_onnx
+from export.parity import DEFAULT_ATOL, DEFAULT_RTOL, check_onnx_parity
+from export.passes import optimize
+
+PROG = "python -m export"
+#: (key in parity.json, file name) for the two models of a run.
+OUTPUTS = (("dense", "dense.onnx"), ("compressed", "model.onnx"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``python -m export``."""
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    exp = sub.add_parser("onnx", help="export a compress run directory to optimized ONNX and check parity")
+    exp.add_argument("--run-dir", required=True, type=Path, help="directory written by `python -m compress`")
+    exp.add_argument(
+        "--opset",
+        type=int,
+        default=MIN_EXPORT_OPSET,
+        help=f"ONNX opset of the written files, >= 17 (default {MIN_EXPORT_OPSET}; 17 is converted "
+        "down after optimization)",
+    )
+    exp.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension symbolic")
+    exp.add_argument("--batch", type=int, default=None, help="batch size of the example/parity input")
+    exp.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance ({DEFAULT_ATOL:g})")
+    exp.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance ({DEFAULT_RTOL:g})")
+
+    chk = sub.add_parser("check", help="validate an ONNX file and print its graph summary as JSON")
+    chk.add_argument("file", type=Path, help="ONNX file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return _check(args.file)
+    return _export_run(args)
+
+
+def _check(path: Path) -> int:
+    model = load_onnx(path)
+    print(json.dumps(graph_summary(model, path=path), indent=2))
+    return 0
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    if args.opset < 17:
+        raise UserInputError(f"--opset {args.opset} is too old; use 17 or newer (default {MIN_EXPORT_OPSET})")
+    if args.batch is not None and args.batch < 1:
+        raise UserInputError(f"--batch must be >= 1, got {args.batch}")
+    try:
+        from compress.artifacts import load_run
+    except ImportError as exc:
+        raise UserInputError(
+            f"compress.artifacts is not available ({exc}); install the compress stage of lowrank-deploy"
+        ) from None
+    import torch
+
+    run = load_run(args.run_dir)  # validates the directory before anything is written into it
+    run_dir = ensure_writable_dir(args.run_dir)
+    input_shape = tuple(int(d) for d in run.input_shape)
+    if args.batch is not None:
+        input_shape = (args.batch, *input_shape[1:])
+
+    record: dict[str, Any] = {
+        "opset": args.opset,
+        "dynamic_batch": bool(args.dynamic_batch),
+        "atol": args.atol,
+        "rtol": args.rtol,
+    }
+    failures = []
+    for key, filename in OUTPUTS:
+        model = run.dense if key == "dense" else run.compressed
+        example = torch.zeros(input_shape, dtype=torch.float32)
+        start = time.perf_counter()
+        raw = onnx_from_torch(model, example, opset=max(args.opset, MIN_EXPORT_OPSET), dynamic_batch=args.dynamic_batch)
+        export_s = time.perf_counter() - start
+        start = time.perf_counter()
+        optimized = optimize(raw, opset=args.opset)
+        optimize_s = time.perf_counter() - start
+        path = save_onnx(optimized, run_dir / filename)
+        result = check_onnx_parity(
+            model, path, input_shape=input_shape, atol=args.atol, rtol=args.rtol, raise_on_failure=False
+        )
+        summary = graph_summary(optimized, path=path)
+        record[key] = {
+            **result.to_dict(),
+            "onnx_bytes": path.stat().st_size,
+            "export_s": round(export_s, 3),
+            "optimize_s": round(optimize_s, 3),
+            "graph": summary,
+        }
+        print(_summary_line(key, path, summary, result))
+        if not result.passed:
+            failures.append(f"{key} ({filename}): {result}")
+    atomic_write_json(run_dir / "parity.json", record)
+    print(f"wrote {run_dir / 'parity.json'}")
+    if failures:
+        raise ParityError(f"ONNX Runtime vs PyTorch parity failed for {'; '.join(failures)}")
+    return 0
+
+
+def _summary_line(key: str, path: Path, summary: dict[str, Any], result: Any) -> str:
+    ops = ", ".join(f"{op} {n}" for op, n in summary["node_counts"].items())
+    verdict = "PASS" if result.passed else "FAIL"
+    return (
+        f"{key:<10} {path.name:<11} {summary['file_bytes'] / 1e6:8.2f} MB  "
+        f"{summary['n_params'] / 1e6:7.3f} M params  "
+        f"{summary['n_nodes']} nodes ({ops})  shared={len(summary['shared_initializers'])}  "
+        f"parity {verdict} max_abs={result.max_abs:.2e} rel_l2={result.rel_l2:.2e}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(PROG, main))

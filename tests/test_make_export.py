@@ -1,0 +1,73 @@
+"""The README's main command, run as a test (onnx-graphsurgeon's test_examples idea) on a tiny model.
+
+``make export`` chains ``python -m compress run`` → ``python -m export onnx`` → ``python -m runtime
+bench`` → ``python -m runtime report``; this checks the artifacts and the report contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FACTORY = "tests/compress/models.py:tiny_resnet"
+
+REPORT_KEYS = {"model", "method", "weights", "input_shape", "backend", "dense", "compressed", "parity", "env"}
+SIDE_KEYS = {"params", "macs", "onnx_bytes", "latency_ms"}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_export_end_to_end(tmp_path: Path) -> None:
+    venv = Path(sys.executable).resolve().parents[1]
+    out = tmp_path / "artifacts"
+    cmd = [
+        "make",
+        "export",
+        f"MODEL={FACTORY}",
+        "WEIGHTS=random",
+        "RATIO=2",
+        "DURATION=1",
+        "THREADS=1",
+        "ROUND_TO=2",
+        f"OUT={out}",
+        f"VENV={venv}",
+        "COMPRESS_ARGS=--input-size 32 --min-rank 2",
+    ]
+    env = {**os.environ, "MAKEFLAGS": ""}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = out / "models.tiny_resnet" / "tucker2"
+    for name in (
+        "plan.json",
+        "compress.json",
+        "dense.safetensors",
+        "model.safetensors",
+        "dense.onnx",
+        "model.onnx",
+        "parity.json",
+        "latency.json",
+        "latency.md",
+        "latency.png",
+        "report.json",
+        "report.md",
+    ):
+        assert (run_dir / name).is_file(), name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report.keys() >= REPORT_KEYS
+    for side in ("dense", "compressed"):
+        assert report[side].keys() >= SIDE_KEYS
+        assert {"p50", "p90", "p99"} <= report[side]["latency_ms"].keys()
+        assert report[side]["latency_ms"]["p50"] > 0
+    assert report["input_shape"] == [1, 3, 32, 32]
+    assert report["dense"]["params"] / report["compressed"]["params"] == pytest.approx(2.0, rel=0.03)
+    assert report["compressed"]["onnx_bytes"] < report["dense"]["onnx_bytes"]
+    assert report["parity"]["max_abs"] < 1e-3
+    assert report["weights"] == "random"
+    assert (run_dir / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "compressed" in (run_dir / "report.md").read_text()
