@@ -3,6 +3,8 @@
 ``python -m export onnx --run-dir DIR`` exports the dense and the compressed model of a compress run
 to ``DIR/dense.onnx`` and ``DIR/model.onnx`` (both optimized), checks ONNX Runtime against PyTorch and
 writes ``DIR/parity.json``. ``python -m export check FILE.onnx`` prints a graph summary as JSON.
+``python -m export engine --run-dir DIR --precision fp16`` builds TensorRT engines ``DIR/model.plan``
+(and ``DIR/dense.plan``) with JSON sidecars from those ONNX files; it needs TensorRT and a GPU.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance ({DEFAULT_ATOL:g})")
     exp.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance ({DEFAULT_RTOL:g})")
 
+    eng = sub.add_parser(
+        "engine",
+        help="build TensorRT engines DIR/model.plan (+ dense.plan) with sidecars from the run's ONNX files",
+    )
+    eng.add_argument("--run-dir", required=True, type=Path, help="run directory with model.onnx (and dense.onnx)")
+    eng.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "int8"), help="engine precision")
+    eng.add_argument("--min-batch", type=int, default=None, help="profile min batch (default: --opt-batch)")
+    eng.add_argument("--opt-batch", type=int, default=1, help="profile opt batch: the batch you will run (default 1)")
+    eng.add_argument("--max-batch", type=int, default=None, help="profile max batch (default: --opt-batch)")
+    eng.add_argument("--workspace-mib", type=int, default=None, help="workspace memory-pool limit in MiB")
+    eng.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
+    eng.add_argument("--timing-cache", type=Path, default=None, help="timing cache file to load and update")
+    eng.add_argument("--skip-dense", action="store_true", help="build model.plan only, not dense.plan")
+
     chk = sub.add_parser("check", help="validate an ONNX file and print its graph summary as JSON")
     chk.add_argument("file", type=Path, help="ONNX file")
     return parser
@@ -55,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return _check(args.file)
+    if args.command == "engine":
+        return _build_engines(args)
     return _export_run(args)
 
 
@@ -118,6 +136,46 @@ def _export_run(args: argparse.Namespace) -> int:
     print(f"wrote {run_dir / 'parity.json'}")
     if failures:
         raise ParityError(f"ONNX Runtime vs PyTorch parity failed for {'; '.join(failures)}")
+    return 0
+
+
+def _build_engines(args: argparse.Namespace) -> int:
+    from export.tensorrt import BatchProfile, EngineFromOnnx, require_tensorrt, save_engine
+
+    require_tensorrt()  # one-line error naming the container before anything else
+    opt = args.opt_batch
+    profile = BatchProfile(
+        args.min_batch if args.min_batch is not None else min(opt, args.max_batch or opt),
+        opt,
+        args.max_batch if args.max_batch is not None else opt,
+    )
+    run_dir: Path = args.run_dir
+    if not (run_dir / "model.onnx").is_file():
+        raise UserInputError(
+            f"{run_dir / 'model.onnx'} is missing; run `python -m export onnx --run-dir {run_dir}` first"
+        )
+    pairs = [("model.onnx", "model.plan")]
+    if not args.skip_dense and (run_dir / "dense.onnx").is_file():
+        pairs.insert(0, ("dense.onnx", "dense.plan"))
+    for onnx_name, plan_name in pairs:
+        start = time.perf_counter()
+        loader = EngineFromOnnx(
+            run_dir / onnx_name,
+            precision=args.precision,
+            batch=profile,
+            workspace_mib=args.workspace_mib,
+            opt_level=args.opt_level,
+            timing_cache=args.timing_cache,
+        )
+        built = loader()
+        built.metadata["build_s"] = round(time.perf_counter() - start, 3)
+        path = save_engine(built, run_dir / plan_name)
+        check = built.metadata.get("precision_check", {})
+        print(
+            f"{plan_name:<11} {path.stat().st_size / 1e6:8.2f} MB  TensorRT {built.metadata['tensorrt_version']} "
+            f"{args.precision} on {built.metadata['gpu_name']}  layers {check.get('layer_precisions')}  "
+            f"built in {built.metadata['build_s']:.1f} s"
+        )
     return 0
 
 

@@ -37,8 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         "interleaved; writes latency.json, latency.md and latency.png into the run directory.",
     )
     bench.add_argument("--run-dir", required=True, type=Path, help="run directory of the compress/export stages")
-    bench.add_argument("--backend", default="ort", help="runner backend: ort (default) or torch")
+    bench.add_argument("--backend", default="ort", help="runner backend: ort (default), torch or trt")
     _add_device_args(bench)
+    gpu = bench.add_argument_group("GPU (torch backend with --device cuda; trt backend)")
+    gpu.add_argument("--cuda-graph", action="store_true", help="torch: capture and replay a CUDA graph")
+    gpu.add_argument("--channels-last", action="store_true", help="torch: channels-last memory format")
+    gpu.add_argument("--autocast", choices=("fp16", "bf16"), default=None, help="torch: run under torch.autocast")
+    gpu.add_argument(
+        "--engine", type=Path, default=None, help="trt: engine to time (default DIR/model.plan, plus DIR/dense.plan)"
+    )
     _add_timing_args(bench)
 
     report = sub.add_parser(
@@ -77,6 +84,12 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("device")
     group.add_argument("--device", default="cpu", help="cpu (default), cuda, or tensorrt (ort only)")
     group.add_argument("--threads", type=int, default=None, help="intra-op threads (ort) / torch threads")
+    group.add_argument(
+        "--spin",
+        action="store_true",
+        help="let ONNX Runtime threads spin-wait (its default; off here because interleaved sessions then "
+        "steal each other's cores)",
+    )
 
 
 def _add_timing_args(parser: argparse.ArgumentParser) -> None:
@@ -119,15 +132,49 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         extra = {"ort_intra_op_threads": args.threads}
     elif args.backend == "torch":
         runners = _torch_runners(run_dir, args)
-        extra = {"torch_threads": args.threads}
+        extra = {
+            "torch_threads": args.threads,
+            "cuda_graph": args.cuda_graph,
+            "channels_last": args.channels_last,
+            "autocast": args.autocast,
+        }
+    elif args.backend == "trt":
+        runners = _trt_runners(run_dir, args)
+        extra = {"engine": str(args.engine) if args.engine else None}
     else:
         raise UserInputError(f"bench does not support backend {args.backend!r} yet; use ort or torch")
 
     result = benchmark(runners, _feed_factory(args.batch, args.seed), config)
     env = capture_environment({**extra, "command": "bench", "device": args.device, "seed": args.seed})
     record = write_latency(run_dir, result, env, backend=args.backend, batch=args.batch)
+    gpu_compute = _gpu_compute(runners, result)
+    if gpu_compute:
+        from compress._io import atomic_write_json
+        from runtime.report import LATENCY_JSON
+
+        record["gpu_compute"] = gpu_compute
+        atomic_write_json(run_dir / LATENCY_JSON, record)
     print(latency_markdown(record))
+    for key, stats in gpu_compute.items():
+        host = record["results"][key]
+        print(
+            f"{key}: GPU compute p50 {stats['p50']:.3f} ms (p90 {stats['p90']:.3f}, p99 {stats['p99']:.3f}) "
+            f"vs host latency p50 {host['p50']:.3f} ms"
+        )
     return 0
+
+
+def _gpu_compute(runners: dict[str, Any], result: Any) -> dict[str, Any]:
+    """CUDA-event GPU compute stats (ms) over the timed inferences: the tail of each runner's gpu_times_s."""
+    from runtime.harness import LatencyStats
+
+    out = {}
+    for key, runner in runners.items():
+        times = getattr(runner, "gpu_times_s", None)
+        n = result.stats[key].n
+        if times and len(times) >= n:
+            out[key] = LatencyStats.from_samples(times[-n:], result.config.batch).to_dict()
+    return out
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -147,7 +194,13 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
     shapes = _parse_shapes(args.shape)
     names = _unique_names(args.models)
     runners = {
-        name: OrtRunner(path, providers=_ort_providers(args.device), intra_op_threads=args.threads, name=name)
+        name: OrtRunner(
+            path,
+            providers=_ort_providers(args.device),
+            intra_op_threads=args.threads,
+            allow_spinning=args.spin,
+            name=name,
+        )
         for name, path in zip(names, args.models, strict=True)
     }
     for name, path in zip(names, args.models, strict=True):
@@ -217,11 +270,20 @@ def _ort_runners(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             raise UserInputError(
                 f"{file_name} is missing in {str(run_dir)!r}; run the export stage (`python -m export`) first"
             )
-        runners[key] = OrtRunner(path, providers=_ort_providers(args.device), intra_op_threads=args.threads, name=key)
+        runners[key] = OrtRunner(
+            path,
+            providers=_ort_providers(args.device),
+            intra_op_threads=args.threads,
+            allow_spinning=args.spin,
+            name=key,
+        )
     return runners
 
 
 def _torch_runners(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    gpu_flags = [f for f, on in (("--cuda-graph", args.cuda_graph), ("--autocast", args.autocast)) if on]
+    if gpu_flags and not str(args.device).startswith("cuda"):
+        raise UserInputError(f"{' and '.join(gpu_flags)} need --device cuda")
     if args.device not in ("cpu", "cuda") and not str(args.device).startswith("cuda:"):
         raise UserInputError(f"unknown --device {args.device!r} for torch; use cpu, cuda or cuda:N")
     if importlib.util.find_spec("compress.artifacts") is None:
@@ -240,9 +302,37 @@ def _torch_runners(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     shape = tuple(run.input_shape)
     input_shapes = {"input": (None, *shape[1:])}
     return {
-        key: TorchRunner(module, input_shapes=input_shapes, device=args.device, name=key)
+        key: TorchRunner(
+            module,
+            input_shapes=input_shapes,
+            device=args.device,
+            name=key,
+            cuda_graph=args.cuda_graph,
+            channels_last=args.channels_last,
+            autocast=args.autocast,
+        )
         for key, module in (("dense", run.dense), ("compressed", run.compressed))
     }
+
+
+def _trt_runners(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from runtime.trt_runner import TrtRunner
+
+    device = args.device if str(args.device).startswith("cuda") else "cuda"
+    if args.engine is not None:
+        if not args.engine.is_file():
+            raise UserInputError(f"engine {str(args.engine)!r} does not exist; build it with `python -m export engine`")
+        return {"compressed": TrtRunner(args.engine, device=device, name="compressed")}
+    runners = {}
+    for key, file_name in (("dense", "dense.plan"), ("compressed", "model.plan")):
+        path = run_dir / file_name
+        if path.is_file():
+            runners[key] = TrtRunner(path, device=device, name=key)
+    if "compressed" not in runners:
+        raise UserInputError(
+            f"model.plan is missing in {str(run_dir)!r}; build it with `python -m export engine --run-dir {run_dir}`"
+        )
+    return runners
 
 
 def _parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:

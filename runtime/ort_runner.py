@@ -86,6 +86,10 @@ class OrtRunner(Runner):
             names. ONNX Runtime always adds CPU as the fallback for nodes other providers reject.
         intra_op_threads: threads inside one operator; ``None`` lets ONNX Runtime choose (all cores).
         graph_optimization_level: ``disable``, ``basic``, ``extended`` or ``all``.
+        allow_spinning: let idle intra-op threads spin-wait for work (ONNX Runtime's default). Off by
+            default here: when two sessions are timed interleaved, the spinning pool of the one that just
+            ran steals cores from the other (seen on this project's 2-core machine as a bimodal dense
+            latency, 37 ms alone vs 40/70 ms interleaved), which biases every A/B comparison.
         name: instance name; default the file stem.
 
     Attributes:
@@ -103,6 +107,7 @@ class OrtRunner(Runner):
         providers: Sequence[str] = ("cpu",),
         intra_op_threads: int | None = None,
         graph_optimization_level: str = "all",
+        allow_spinning: bool = False,
         name: str | None = None,
     ) -> None:
         if isinstance(providers, str):
@@ -122,6 +127,7 @@ class OrtRunner(Runner):
         self.providers = resolved
         self.intra_op_threads = intra_op_threads
         self.graph_optimization_level = graph_optimization_level
+        self.allow_spinning = allow_spinning
         self.providers_in_use: tuple[str, ...] = ()
         self._session: Any = None
         self._output_names: list[str] = []
@@ -145,6 +151,7 @@ class OrtRunner(Runner):
         )
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = self.intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
         options.log_severity_level = 3
         errors = _ort_errors()
         try:
@@ -196,6 +203,7 @@ class OrtRunner(Runner):
             providers_in_use=list(self.providers_in_use),
             intra_op_threads=self.intra_op_threads,
             graph_optimization_level=self.graph_optimization_level,
+            allow_spinning=self.allow_spinning,
         )
         return out
 

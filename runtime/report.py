@@ -132,7 +132,12 @@ def latency_markdown(record: Mapping[str, Any]) -> str:
         )
         lines.append("")
     cfg = record.get("config", {})
-    mode = "interleaved" if cfg.get("interleave") else "sequential"
+    mode = (
+        f"interleaved in blocks of {cfg.get('block')} timed runs (after {cfg.get('block_warmup')} untimed) "
+        "alternating A B, B A"
+        if cfg.get("interleave")
+        else "sequential"
+    )
     budget = f"{cfg.get('iters')} iterations" if cfg.get("iters") else f"{cfg.get('duration_s')} s"
     lines.append(
         f"Method: {mode}, {budget} per run (min {cfg.get('min_iters')} per model), warm-up "
@@ -200,7 +205,8 @@ def plot_latency(
     p99s = [float(np.percentile(d, 99)) for d in data]
     trimmed = [d[d <= hi] if np.count_nonzero(d <= hi) > 1 else d for d, hi in zip(data, p99s, strict=True)]
     ax.violinplot(trimmed, positions=positions, showextrema=False)
-    ax.boxplot(trimmed, positions=positions, widths=0.15, showfliers=False)
+    # The box uses every sample, so its median line is the reported p50.
+    ax.boxplot(data, positions=positions, widths=0.15, showfliers=False)
     ax.scatter(positions, p99s, marker="_", s=200, color="tab:red", label="p99", zorder=3)
     for pos, p50 in zip(positions, p50s, strict=True):
         ax.annotate(f"p50 {p50:.3f} ms", xy=(pos, p50), xytext=(pos + 0.12, p50), fontsize=8, va="center")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_AUTOCAST: dict[str, str] = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 def _import_torch() -> Any:
@@ -46,9 +48,17 @@ class TorchRunner(Runner):
         output_names: names for a tuple/list of outputs; default ``output`` for a single tensor and
             ``output_0``, ``output_1``, ... for sequences. Dict outputs keep their keys.
         name: instance name; default the module's class name.
+        cuda_graph: capture the forward pass in a CUDA graph after a warm-up on static input/output
+            buffers and replay it (re-captured when input shapes change). CUDA only.
+        channels_last: convert the module and 4-D inputs to ``torch.channels_last``.
+        autocast: ``"fp16"`` or ``"bf16"`` to run under ``torch.autocast``; outputs come back as
+            float32 (numpy has no bfloat16). CUDA only.
+        gpu_timing: on CUDA, record CUDA-event GPU time of every forward (or graph replay) in
+            ``gpu_times_s`` (warm-up included; callers take the tail matching their timed samples).
 
     Raises:
-        UserInputError: for a malformed device string.
+        UserInputError: for a malformed device string or an unknown autocast type.
+        RuntimeUnavailableError: for CUDA-only options (``cuda_graph``, ``autocast``) on the CPU.
     """
 
     def __init__(
@@ -60,9 +70,20 @@ class TorchRunner(Runner):
         device: str = "cpu",
         output_names: Sequence[str] | None = None,
         name: str | None = None,
+        cuda_graph: bool = False,
+        channels_last: bool = False,
+        autocast: str | None = None,
+        gpu_timing: bool = True,
     ) -> None:
         if not isinstance(device, str) or not _DEVICE_RE.match(device):
             raise UserInputError(f"torch runner device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if autocast is not None and autocast not in _AUTOCAST:
+            raise UserInputError(f"autocast must be one of {', '.join(_AUTOCAST)} or None, got {autocast!r}")
+        cuda_only = [opt for opt, on in (("cuda_graph", cuda_graph), (f"autocast={autocast}", autocast)) if on]
+        if cuda_only and not device.startswith("cuda"):
+            raise RuntimeUnavailableError(
+                f"{', '.join(cuda_only)} need(s) a CUDA device but the torch runner is on {device!r}; use device='cuda'"
+            )
         super().__init__(name=name if name is not None else type(model).__name__, device=device)
         self.model = model
         shapes = input_shapes if input_shapes is not None else {"input": None}
@@ -75,6 +96,17 @@ class TorchRunner(Runner):
         self._orig_device: Any = None
         self._was_training = False
         self._cuda_weights_bytes: int | None = None
+        self.cuda_graph = cuda_graph
+        self.channels_last = channels_last
+        self.autocast = autocast
+        self.gpu_timing = gpu_timing
+        self.gpu_times_s: list[float] = []
+        self.graph_captures = 0
+        self._graph: Any = None
+        self._graph_key: tuple[tuple[int, ...], ...] | None = None
+        self._static_in: list[Any] = []
+        self._static_out: Any = None
+        self._timer: Any = None
 
     @property
     def is_cuda(self) -> bool:
@@ -102,9 +134,17 @@ class TorchRunner(Runner):
         self._was_training = self.model.training
         allocated_before = self._cuda_allocated()
         self.model.to(self.device).eval()
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
             self._cuda_weights_bytes = self._cuda_allocated() - allocated_before
+            if self.gpu_timing:
+                from runtime.gpu import CudaEventTimer
+
+                self._timer = CudaEventTimer(torch, self.device)
+        self.gpu_times_s = []
+        self._graph, self._graph_key, self._static_in, self._static_out = None, None, [], None
 
     def get_input_metadata_impl(self) -> Mapping[str, TensorMeta]:
         """Describe the inputs given at construction."""
@@ -114,17 +154,28 @@ class TorchRunner(Runner):
         """Convert the feed, run the module in inference mode, synchronise and return numpy arrays."""
         torch = self._torch
         with torch.inference_mode():
-            args = [
-                torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device, non_blocking=False) for n in self._meta
-            ]
-            out = self.model(*args)
+            args = [self._prepare(torch.from_numpy(np.ascontiguousarray(feed[n]))) for n in self._meta]
+            if self.cuda_graph:
+                out = self._replay(args)
+            else:
+                if self._timer is not None:
+                    self._timer.start()
+                with self._autocast_ctx():
+                    out = self.model(*args)
+                if self._timer is not None:
+                    self._timer.stop()
             if self.is_cuda:
                 torch.cuda.synchronize(self.device)
+                if self._timer is not None:
+                    self.gpu_times_s.append(self._timer.elapsed_s())
             return self._outputs_to_numpy(out)
 
     def deactivate_impl(self) -> None:
         """Restore the module's training flag and device and release cached CUDA memory."""
+        self._graph, self._graph_key, self._static_in, self._static_out = None, None, [], None
         self.model.train(self._was_training)
+        if self.channels_last:
+            self.model.to(memory_format=self._torch.contiguous_format)
         if self._orig_device is not None:
             self.model.to(self._orig_device)
         if self.is_cuda:
@@ -155,6 +206,12 @@ class TorchRunner(Runner):
         out = super().info()
         out["module"] = type(self.model).__name__
         out["inputs"] = {n: m.describe() for n, m in self._meta.items()}
+        out.update(
+            cuda_graph=self.cuda_graph,
+            channels_last=self.channels_last,
+            autocast=self.autocast,
+            graph_captures=self.graph_captures,
+        )
         if self._torch is not None:
             out["torch_threads"] = self._torch.get_num_threads()
             if self.is_cuda:
@@ -162,6 +219,54 @@ class TorchRunner(Runner):
         return out
 
     # Internals --------------------------------------------------------------------------------------
+
+    def _prepare(self, host: Any) -> Any:
+        tensor = host.to(self.device, non_blocking=False)
+        if self.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=self._torch.channels_last)
+        return tensor
+
+    def _autocast_ctx(self, *, cache_enabled: bool = True) -> Any:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        # The autocast weight cache must be off while capturing a CUDA graph (PyTorch CUDA graphs docs).
+        return self._torch.autocast(
+            "cuda", dtype=getattr(self._torch, _AUTOCAST[self.autocast]), cache_enabled=cache_enabled
+        )
+
+    def _replay(self, args: list[Any]) -> Any:
+        """Copy ``args`` into the static inputs and replay the graph, capturing it first if needed."""
+        torch = self._torch
+        key = tuple(tuple(a.shape) for a in args)
+        if self._graph is None or key != self._graph_key:
+            self._capture(args, key)
+        for static, arg in zip(self._static_in, args, strict=True):
+            static.copy_(arg)
+        if self._timer is not None:
+            self._timer.start()
+        self._graph.replay()
+        if self._timer is not None:
+            self._timer.stop()
+        return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self._static_out)
+
+    def _capture(self, args: list[Any], key: tuple[tuple[int, ...], ...]) -> None:
+        """Warm up on a side stream, then capture one forward on static buffers (PyTorch's recipe)."""
+        torch = self._torch
+        self._graph = None
+        static_in = [a.clone() for a in args]
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                with self._autocast_ctx(cache_enabled=False):
+                    self.model(*static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), self._autocast_ctx(cache_enabled=False):
+            static_out = self.model(*static_in)
+        self._graph, self._graph_key = graph, key
+        self._static_in, self._static_out = static_in, static_out
+        self.graph_captures += 1
 
     def _cuda_allocated(self) -> int:
         if not self.is_cuda:
@@ -193,4 +298,7 @@ class TorchRunner(Runner):
                 f"runner {self.name!r}: output {output_name!r} is a {type(value).__name__}, not a tensor; "
                 "nested outputs are not supported"
             )
-        return value.detach().to("cpu").numpy()
+        value = value.detach()
+        if self.autocast is not None and value.dtype in (self._torch.float16, self._torch.bfloat16):
+            value = value.float()
+        return value.to("cpu").numpy()

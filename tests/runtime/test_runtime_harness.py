@@ -107,7 +107,7 @@ def _runners(fake_runner_cls, call_log, clock=None, costs=(0.0, 0.0)):
 
 def test_interleaved_order_alternates(fake_runner_cls, call_log, x_feed):
     runners = _runners(fake_runner_cls, call_log)
-    cfg = BenchmarkConfig(warmup_iters=3, warmup_s=0.0, iters=4)
+    cfg = BenchmarkConfig(warmup_iters=3, warmup_s=0.0, iters=4, block=1, block_warmup=0)
     result = benchmark(runners, x_feed, cfg)
     warm, timed = call_log.calls[:6], call_log.calls[6:]
     assert warm == ["A", "B", "B", "A", "A", "B"]
@@ -118,9 +118,20 @@ def test_interleaved_order_alternates(fake_runner_cls, call_log, x_feed):
     assert result.samples_s["A"].shape == (4,)
 
 
+def test_blocks_rewarm_each_runner_before_timing(fake_runner_cls, call_log, x_feed):
+    """Each turn: block_warmup untimed calls, then `block` timed ones; turns alternate A B, B A."""
+    runners = _runners(fake_runner_cls, call_log)
+    cfg = BenchmarkConfig(warmup_iters=0, warmup_s=0.0, iters=4, block=2, block_warmup=1)
+    result = benchmark(runners, x_feed, cfg)
+    assert call_log.calls == list("AAABBBBBBAAA")
+    assert result.order == list("AABBBBAA")
+    assert result.stats["A"].n == result.stats["B"].n == 4
+
+
 def test_interleaving_three_runners_reverses_each_round(fake_runner_cls, call_log, x_feed):
     runners = {n: fake_runner_cls(n, log=call_log) for n in "ABC"}
-    result = benchmark(runners, x_feed, BenchmarkConfig(warmup_iters=0, warmup_s=0.0, iters=3))
+    cfg = BenchmarkConfig(warmup_iters=0, warmup_s=0.0, iters=3, block=1, block_warmup=0)
+    result = benchmark(runners, x_feed, cfg)
     assert result.order == list("ABCCBAABC")
     assert call_log.calls == result.order  # no warm-up at all
 
@@ -166,7 +177,7 @@ def test_samples_are_the_timed_intervals(fake_runner_cls, call_log, fake_clock, 
 
 def test_interleaved_duration_budget_is_shared(fake_runner_cls, call_log, fake_clock, x_feed):
     runners = _runners(fake_runner_cls, call_log, fake_clock, costs=COSTS)
-    cfg = BenchmarkConfig(warmup_iters=0, warmup_s=0.0, duration_s=1.0, min_iters=2)
+    cfg = BenchmarkConfig(warmup_iters=0, warmup_s=0.0, duration_s=1.0, min_iters=2, block=1, block_warmup=0)
     result = benchmark(runners, x_feed, cfg)
     # Each round costs 4/64 s; rounds stop once 1.0 s has elapsed: 16 rounds.
     assert result.stats["A"].n == result.stats["B"].n == 16
@@ -182,7 +193,7 @@ def test_sequential_duration_budget_is_split(fake_runner_cls, call_log, fake_clo
 
 def test_min_iters_beats_a_short_duration(fake_runner_cls, call_log, fake_clock, x_feed):
     runners = _runners(fake_runner_cls, call_log, fake_clock, costs=(1.0, 1.0))
-    cfg = BenchmarkConfig(warmup_iters=0, warmup_s=0.0, duration_s=0.5, min_iters=7)
+    cfg = BenchmarkConfig(warmup_iters=0, warmup_s=0.0, duration_s=0.5, min_iters=7, block=1, block_warmup=0)
     result = benchmark(runners, x_feed, cfg)
     assert result.stats["A"].n == result.stats["B"].n == 7
 
