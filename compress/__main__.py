@@ -134,7 +134,7 @@ def cpu_rank_multiple() -> int:
     ONNX Runtime's NCHWc conv kernels use 16-channel blocks with AVX-512 and 8 otherwise (MLAS ``MlasNchwcGetBlockSize``). 16 is also a multiple of 8, so it stays
     aligned for FP16 tensor cores. Measured here (ResNet-34, Tucker-2, RATIO=4, one ORT thread):
     multiples of 8 gave 3.12× at efficiency 0.84, multiples of 16 gave 3.33× at 0.96
-    (benchmarks/results/resnet34_tucker2_sweep.json).
+    (benchmarks/results/resnet34_tucker2_sweep_t1.json).
     """
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
