@@ -23,16 +23,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     Convolutions, matrix products and their kin are counted; BN, activations, pooling and adds are not,
     which is the convention of the papers this project reproduces.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_input)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops()) // 2
+    return trace_geometry(model, example_input)[2]
 
 
 def trace_geometry(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, LayerGeometry], list[str], int]:
