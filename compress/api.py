@@ -21,7 +21,6 @@ from compress.lowrank import (
     FACTORIZATIONS,
     Factorization,
     LayerGeometry,
-    Tucker2,
     dense_macs,
     factorization,
 )
@@ -193,7 +192,7 @@ def _plan_lowrank(
 ) -> Plan:
     geometry, order, total_macs = trace_geometry(model, example_input)
     stem = _find_stem(model, order, int(example_input.shape[1]))
-    conv_fact = Tucker2(hooi_iters=config.hooi_iters) if config.method == "tucker2" else factorization(config.method)
+    conv_fact = factorization(config.method, hooi_iters=config.hooi_iters)
     pointwise, linear = factorization("pointwise-svd"), factorization("linear-svd")
     total_params = count_params(model)
 
@@ -239,9 +238,7 @@ def _plan_lowrank(
         raise CompressionError(
             f"nothing to compress in {model_name}: every Conv2d/Linear is excluded by rule (see the plan reasons)"
         )
-    knob = config.energy if rule.name == "energy" else config.omega
-    if rule.name == "energy":
-        knob = 1.0 - config.energy
+    knob = 1.0 - config.energy if rule.name == "energy" else config.omega
     selection = select_ranks(
         candidates,
         rule,
@@ -403,7 +400,7 @@ def apply_plan_(model: nn.Module, plan: Plan, *, init: str = "decompose") -> nn.
             )
         if entry.action not in FACTORIZATIONS:
             raise CompressionError(f"plan names unknown factorization {entry.action!r} for {entry.path}")
-        fact = Tucker2(hooi_iters=hooi) if entry.action == "tucker2" else factorization(entry.action)
+        fact = factorization(entry.action, hooi_iters=hooi)
         ranks = tuple(int(r) for r in entry.ranks or ())
         fact.check_ranks(module, ranks)
         if init == "decompose":

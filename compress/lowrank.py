@@ -146,13 +146,17 @@ def register_factorization(name: str) -> Callable[[_F], _F]:
     return wrap
 
 
-def factorization(name: str) -> Factorization:
-    """Instantiate a registered factorization; unknown names list the known ones."""
+def factorization(name: str, *, hooi_iters: int = 0) -> Factorization:
+    """Instantiate a registered factorization; unknown names list the known ones.
+
+    ``hooi_iters`` is the HOOI refinement of Tucker-2 and is ignored by the other factorizations.
+    """
     try:
-        return FACTORIZATIONS[name]()
+        cls = FACTORIZATIONS[name]
     except KeyError:
         known = ", ".join(sorted(FACTORIZATIONS))
         raise UserInputError(f"unknown factorization {name!r}; known: {known}") from None
+    return cls(hooi_iters=hooi_iters) if issubclass(cls, Tucker2) else cls()
 
 
 # ================================================================================================ helpers
@@ -179,6 +183,20 @@ def _conv(
         bias=bias,
         device="meta" if module.weight.is_meta else None,
         dtype=module.weight.dtype,
+    )
+
+
+def _same_geometry_conv(module: nn.Conv2d, in_ch: int, out_ch: int) -> nn.Conv2d:
+    """The k×k conv of a chain: the original kernel, stride, padding and dilation, no bias."""
+    kh, kw = _conv_meta(module)[2:]
+    return _conv(
+        module,
+        in_ch,
+        out_ch,
+        (kh, kw),
+        stride=_pair(module.stride),
+        padding=_pair(module.padding),
+        dilation=_pair(module.dilation),
     )
 
 
@@ -222,18 +240,10 @@ class ChannelSVD(Factorization):
         return (module.weight.detach().reshape(t, -1),)
 
     def build(self, module: nn.Module, ranks: Ranks) -> nn.Sequential:
-        t, s, kh, kw = _conv_meta(module)
+        t, s, _, _ = _conv_meta(module)
         (r,) = ranks
         return nn.Sequential(
-            _conv(
-                module,
-                s,
-                r,
-                (kh, kw),
-                stride=_pair(module.stride),
-                padding=_pair(module.padding),
-                dilation=_pair(module.dilation),
-            ),
+            _same_geometry_conv(module, s, r),
             _conv(module, r, t, (1, 1), bias=module.bias is not None),
         )
 
@@ -346,19 +356,11 @@ class Tucker2(Factorization):
         return (w.reshape(t, -1), w.transpose(0, 1).reshape(s, -1))
 
     def build(self, module: nn.Module, ranks: Ranks) -> nn.Sequential:
-        t, s, kh, kw = _conv_meta(module)
+        t, s, _, _ = _conv_meta(module)
         r_t, r_s = ranks
         return nn.Sequential(
             _conv(module, s, r_s, (1, 1)),
-            _conv(
-                module,
-                r_s,
-                r_t,
-                (kh, kw),
-                stride=_pair(module.stride),
-                padding=_pair(module.padding),
-                dilation=_pair(module.dilation),
-            ),
+            _same_geometry_conv(module, r_s, r_t),
             _conv(module, r_t, t, (1, 1), bias=module.bias is not None),
         )
 
