@@ -1,4 +1,7 @@
-"""Model zoo access: torchvision classification models by name, or a user factory ``file.py:fn``.
+"""Model access: the CIFAR zoo (:mod:`compress.zoo`), torchvision classification models by name, or a factory.
+
+Specs resolve in this order: a zoo name, optionally with a width suffix (``cifar_resnet18_w0.25``); a
+torchvision name (``resnet34``); a user factory ``path/to/file.py:fn``.
 
 Weights (``--weights``):
     * ``auto`` — torchvision's pretrained weights when they are cached or can be downloaded, otherwise
@@ -7,6 +10,11 @@ Weights (``--weights``):
     * ``random`` — seeded random initialisation;
     * a path — a state_dict or checkpoint (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, or
       ``.safetensors``). Checkpoints are never unpickled beyond tensors and plain containers.
+
+Zoo models have no pretrained weights: ``auto`` is a seeded random initialisation with a recorded warning,
+``imagenet`` is an error. ``in_channels`` other than 3 builds a zoo model with that many input channels;
+a torchvision model gets its stem conv rebuilt for it only when its weights are ``random`` or a file (whose
+stem must then match), because pretrained stems expect RGB: feed them 3 replicated channels instead.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 from torch import nn
 
 from compress.errors import UserInputError
+from compress.zoo import create_model, is_zoo_spec, list_zoo_models, parse_zoo_name
 
 __all__ = ["LoadedModel", "list_models", "load_model", "load_state_dict_file"]
 
@@ -31,6 +40,8 @@ log = logging.getLogger(__name__)
 
 WEIGHT_CHOICES = ("auto", "imagenet", "random")
 _DEFAULT_SIZE = {"inception_v3": 299}
+_ZOO_DEFAULT_SIZE = 32
+_ZOO_DEFAULT_CLASSES = 10
 
 
 @dataclass
@@ -48,10 +59,10 @@ class LoadedModel:
 
 
 def list_models() -> list[str]:
-    """Names of torchvision's classification models."""
+    """Names of the zoo's models (first), then torchvision's classification models."""
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return list_zoo_models() + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def load_model(
@@ -61,21 +72,34 @@ def load_model(
     num_classes: int | None = None,
     input_size: int | None = None,
     seed: int = 0,
+    in_channels: int | None = None,
 ) -> LoadedModel:
-    """Build a model from a torchvision name or ``path/to/file.py:fn`` and load its weights.
+    """Build a model from a zoo name, a torchvision name or ``path/to/file.py:fn`` and load its weights.
 
     Args:
-        spec: torchvision model name (``resnet34``) or a factory ``path/to/file.py:function``.
+        spec: Zoo name (``cifar_resnet34``, ``cifar_resnet18_w0.25``), torchvision model name (``resnet34``)
+            or a factory ``path/to/file.py:function``.
         weights: ``auto``, ``imagenet``, ``random`` or a path to a weights file.
-        num_classes: Output classes for a randomly initialised torchvision model (default 1000).
-        input_size: Square input size (default 224; 299 for inception_v3).
+        num_classes: Output classes of a zoo model (default 10) or a randomly initialised torchvision model
+            (default 1000).
+        input_size: Square input size (default 32 for zoo models, 224 otherwise; 299 for inception_v3).
         seed: Seed of the random initialisation (so ``random`` is reproducible).
+        in_channels: Input channels (default 3). Zoo models are built for it; a torchvision model gets a
+            new stem conv (same kernel, stride, padding) only with ``random`` or file weights; a factory's
+            model must already have it.
 
     Raises:
-        UserInputError: unknown model, unavailable pretrained weights, unreadable weights file.
+        UserInputError: unknown model, unavailable pretrained weights, unreadable weights file, or input
+            channels the model cannot take.
     """
     if not spec:
-        raise UserInputError("no model given; pass MODEL=<torchvision name> or MODEL=path/to/file.py:fn")
+        raise UserInputError("no model given; pass MODEL=<zoo or torchvision name> or MODEL=path/to/file.py:fn")
+    if in_channels is not None and in_channels < 1:
+        raise UserInputError(f"in_channels={in_channels} is not a channel count; pass 1 (grayscale) or 3 (RGB)")
+    if is_zoo_spec(spec):
+        return _load_zoo(
+            spec, weights, num_classes=num_classes, input_size=input_size, seed=seed, in_channels=in_channels
+        )
     is_factory = ":" in spec and spec.split(":", 1)[0].endswith(".py")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -84,6 +108,11 @@ def load_model(
             pretrained_ok = False
         else:
             _check_torchvision_name(spec)
+            if in_channels not in (None, 3) and weights in ("auto", "imagenet"):
+                raise UserInputError(
+                    f"{spec} with WEIGHTS={weights} has a pretrained 3-channel stem, not {in_channels} channels; feed it "
+                    f"3 channels (load_data(channels=3) replicates the {in_channels}-channel input; the CLI does this) or use WEIGHTS=random"
+                )
             name = spec
             pretrained_ok = True
         source, warning = "random", None
@@ -102,6 +131,8 @@ def load_model(
         else:
             if not is_factory:
                 model = _torchvision_build(spec, num_classes=num_classes)
+                if in_channels not in (None, 3):
+                    _replace_stem_(model, spec, in_channels)
             if weights != "random":
                 state = load_state_dict_file(weights)
                 _load_into(model, state, weights)
@@ -109,10 +140,54 @@ def load_model(
     model.eval()
     size = input_size or _DEFAULT_SIZE.get(name, 224)
     channels = _input_channels(model)
+    if in_channels is not None and in_channels != channels:
+        raise UserInputError(
+            f"the factory {spec!r} builds a model with {channels} input channels, not {in_channels}; "
+            f"load the data with channels={channels} (the CLI does this) or change the factory"
+        )
     return LoadedModel(
         model=model,
         spec=spec,
         name=name,
+        weights=source,
+        weights_requested=weights,
+        warning=warning,
+        input_shape=(channels, size, size),
+        num_classes=_output_features(model),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ zoo
+def _load_zoo(
+    spec: str, weights: str, *, num_classes: int | None, input_size: int | None, seed: int, in_channels: int | None
+) -> LoadedModel:
+    parse_zoo_name(spec)  # bad widths fail before anything is built
+    if weights == "imagenet":
+        raise UserInputError(
+            f"WEIGHTS=imagenet: no pretrained weights exist for the zoo model {spec}; pass WEIGHTS=path/to/weights.pt "
+            "(train one with `python -m compress train`) or WEIGHTS=random"
+        )
+    channels = 3 if in_channels is None else in_channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(spec, num_classes=num_classes or _ZOO_DEFAULT_CLASSES, in_channels=channels)
+    source, warning = "random", None
+    if weights == "auto":
+        warning = (
+            f"RANDOM WEIGHTS: no pretrained weights exist for {spec}; the model uses a seeded random initialisation, "
+            "so accuracy-related numbers (agreement, EVBMF ranks) say nothing about a trained model. Train it with "
+            "`python -m compress train` or pass WEIGHTS=path/to/weights.pt."
+        )
+        print(f"WARNING: {warning}", file=sys.stderr)
+    elif weights != "random":
+        _load_into(model, load_state_dict_file(weights), weights)
+        source = str(weights)
+    model.eval()
+    size = input_size or _ZOO_DEFAULT_SIZE
+    return LoadedModel(
+        model=model,
+        spec=spec,
+        name=spec,
         weights=source,
         weights_requested=weights,
         warning=warning,
@@ -130,7 +205,7 @@ def _check_torchvision_name(name: str) -> None:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UserInputError(
-            f"unknown model {name!r}{hint}; use a torchvision classification model name "
+            f"unknown model {name!r}{hint}; use a zoo or torchvision classification model name "
             "(python -m compress models lists them) or path/to/file.py:function"
         )
 
@@ -185,6 +260,31 @@ def _torchvision_pretrained(name: str, mode: str, num_classes: int | None) -> tu
     )
     print(f"WARNING: {warning}", file=sys.stderr)
     return _torchvision_build(name, num_classes=num_classes), "random", warning
+
+
+def _replace_stem_(model: nn.Module, name: str, in_channels: int) -> None:
+    """Swap the first conv (the stem) for one taking ``in_channels`` (same geometry; kaiming-normal fan_out init)."""
+    path, stem = next(((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)), ("", None))
+    if stem is None or stem.in_channels != 3 or stem.groups != 1:
+        raise UserInputError(
+            f"cannot rebuild the stem of {name} for {in_channels} input channels; feed it 3 channels "
+            "(load_data(channels=3) replicates them; the CLI does this)"
+        )
+    new = nn.Conv2d(
+        in_channels,
+        stem.out_channels,
+        stem.kernel_size,  # type: ignore[arg-type]
+        stride=stem.stride,  # type: ignore[arg-type]
+        padding=stem.padding,  # type: ignore[arg-type]
+        dilation=stem.dilation,  # type: ignore[arg-type]
+        bias=stem.bias is not None,
+        padding_mode=stem.padding_mode,
+    )
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    if new.bias is not None:
+        nn.init.zeros_(new.bias)
+    parent_path, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), attr, new)
 
 
 # ------------------------------------------------------------------------------------------------ factories
