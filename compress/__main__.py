@@ -5,7 +5,10 @@ Subcommands:
     plan    only make plan.json (inspect or edit it, then ``apply``)
     apply   apply an existing plan.json to a fresh base model and write a run directory
     show    print a plan as a per-layer table
-    models  list the torchvision model names MODEL accepts
+    models  list the model names MODEL accepts (the CIFAR-style zoo, then torchvision)
+    train   train a model on a dataset (resumable checkpoints; torchrun for several processes)
+    finetune  fine-tune a run directory's compressed model; records dense / raw / fine-tuned accuracy
+    eval    accuracy of a model (or a run directory's two models) on a dataset's test split
 """
 
 from __future__ import annotations
@@ -83,6 +86,113 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-ratio", action="store_true", help="use the rank rule's own knob instead of a ratio")
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        required=required,
+        default=None,
+        help="fashion-mnist (built in, Debian package dataset-fashion-mnist) or a folder: CIFAR-10/100 python "
+        "batches, IDX files, or an ImageFolder tree with train/ and val/",
+    )
+    g.add_argument("--data-format", default=None, help="idx | cifar10 | cifar100 | imagefolder (default: detected)")
+    g.add_argument(
+        "--eval-samples",
+        type=_positive_int,
+        default=None,
+        help="evaluate on a fixed seeded subset of N test images (fast mode; default: the whole test split)",
+    )
+    g.add_argument(
+        "--train-samples",
+        type=_positive_int,
+        default=None,
+        help="train on a fixed seeded subset of N training images (smoke runs; default: all)",
+    )
+    g.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N]")
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float | None, prefix: str = "") -> None:
+    """Training hyper-parameters; ``prefix`` namespaces them (``--finetune-lr``) inside ``run``."""
+    g = p.add_argument_group(f"{prefix or 'training'} options".strip())
+    dash = f"--{prefix}-" if prefix else "--"
+    dest = f"{prefix}_" if prefix else ""
+    g.add_argument(
+        f"{dash}epochs", dest=f"{dest}epochs", type=_nonneg_int, default=epochs, help=f"epochs (default {epochs})"
+    )
+    g.add_argument(
+        f"{dash}batch-size", dest=f"{dest}batch_size", type=_positive_int, default=128, help="global batch size"
+    )
+    g.add_argument(f"{dash}optimizer", dest=f"{dest}optimizer", default="sgd", choices=("sgd", "adamw"))
+    g.add_argument(
+        f"{dash}lr", dest=f"{dest}lr", type=float, default=lr, help="peak learning rate (SGD 0.1, AdamW 1e-3)"
+    )
+    g.add_argument(f"{dash}weight-decay", dest=f"{dest}weight_decay", type=float, default=5e-4, help="not on BN (5e-4)")
+    g.add_argument(f"{dash}schedule", dest=f"{dest}schedule", default="cosine", choices=("cosine", "step", "constant"))
+    g.add_argument(
+        f"{dash}milestones",
+        dest=f"{dest}milestones",
+        type=float,
+        nargs="*",
+        default=(),
+        help="epochs of the step schedule",
+    )
+    g.add_argument(f"{dash}warmup-epochs", dest=f"{dest}warmup_epochs", type=float, default=0.0)
+    g.add_argument(f"{dash}label-smoothing", dest=f"{dest}label_smoothing", type=float, default=0.0)
+    g.add_argument(
+        f"{dash}kd-alpha",
+        dest=f"{dest}kd_alpha",
+        type=float,
+        default=0.0,
+        help="weight of distillation from the dense model (0 = off; needs a teacher: finetune and run only)",
+    )
+    g.add_argument(f"{dash}kd-temperature", dest=f"{dest}kd_temperature", type=float, default=4.0)
+    g.add_argument(f"{dash}clip-grad", dest=f"{dest}clip_grad", type=float, default=None, help="max gradient norm")
+    g.add_argument(
+        f"{dash}max-steps", dest=f"{dest}max_steps", type=_positive_int, default=None, help="stop after N steps"
+    )
+    g.add_argument(f"{dash}workers", dest=f"{dest}workers", type=_nonneg_int, default=0, help="data-loading processes")
+    g.add_argument(f"{dash}no-amp", dest=f"{dest}no_amp", action="store_true", help="no autocast on CUDA")
+    g.add_argument(f"{dash}channels-last", dest=f"{dest}channels_last", action="store_true")
+
+
+def _train_config(args: argparse.Namespace, prefix: str = "") -> Any:
+    from compress.train import TrainConfig
+
+    def get(name: str) -> Any:
+        return getattr(args, f"{prefix}_{name}" if prefix else name)
+
+    return TrainConfig(
+        epochs=get("epochs"),
+        batch_size=get("batch_size"),
+        optimizer=get("optimizer"),
+        lr=get("lr"),
+        weight_decay=get("weight_decay"),
+        schedule=get("schedule"),
+        milestones=tuple(get("milestones") or ()),
+        warmup_epochs=get("warmup_epochs"),
+        label_smoothing=get("label_smoothing"),
+        kd_alpha=get("kd_alpha"),
+        kd_temperature=get("kd_temperature"),
+        clip_grad=get("clip_grad"),
+        max_steps=get("max_steps"),
+        num_workers=get("workers"),
+        amp=not get("no_amp"),
+        channels_last=get("channels_last"),
+        seed=args.seed,
+        eval_samples=args.eval_samples,
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +201,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(run)
     _add_method_args(run)
     run.add_argument("--run-dir", required=True, help="output folder, conventionally OUT/<model>/<method>")
+    _add_data_args(run, required=False)
+    run.add_argument(
+        "--train-epochs",
+        type=_nonneg_int,
+        default=0,
+        help="with --data: first train the dense model for N epochs (cached in --train-dir)",
+    )
+    run.add_argument("--train-dir", default=None, help="training folder (default: <run-dir>/../train-<data>)")
+    run.add_argument("--finetune-epochs", type=_nonneg_int, default=0, help="with --data: fine-tune for N epochs")
+    run.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning peak learning rate (0.01)")
+    run.add_argument("--kd", action="store_true", help="fine-tune with distillation from the dense model")
 
     plan = sub.add_parser("plan", help="only write plan.json")
     _add_model_args(plan)
@@ -105,7 +226,33 @@ def _build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print a plan as a table")
     show.add_argument("plan", help="plan.json")
 
-    sub.add_parser("models", help="list torchvision model names")
+    sub.add_parser("models", help="list model names")
+
+    train = sub.add_parser("train", help="train a model on a dataset (torchrun for several processes)")
+    _add_model_args(train)
+    _add_data_args(train, required=True)
+    _add_train_args(train, epochs=3, lr=None)
+    train.set_defaults(weights="random")  # training starts from a fresh init unless --weights says otherwise
+    train.add_argument("--out", required=True, help="training folder: checkpoint.pt, train_log.json, model.safetensors")
+    train.add_argument("--restart", action="store_true", help="discard a checkpoint in --out instead of resuming")
+
+    finetune = sub.add_parser("finetune", help="fine-tune a run directory's compressed model")
+    finetune.add_argument("--run-dir", required=True, help="run directory written by `run`")
+    finetune.add_argument("--seed", type=int, default=0)
+    _add_data_args(finetune, required=True)
+    _add_train_args(finetune, epochs=1, lr=0.01)
+    finetune.add_argument(
+        "--kd", action="store_true", help="distil from the run's dense model (default --kd-alpha 0.5)"
+    )
+    finetune.add_argument("--restart", action="store_true", help="discard an earlier fine-tuning checkpoint")
+
+    ev = sub.add_parser("eval", help="accuracy on a dataset's test split")
+    ev.add_argument("--model", default=None, help="model spec (with --weights), or use --run-dir")
+    ev.add_argument("--weights", default="auto")
+    ev.add_argument("--run-dir", default=None, help="evaluate a run directory's dense and compressed models")
+    ev.add_argument("--seed", type=int, default=0)
+    _add_data_args(ev, required=True)
+    ev.add_argument("--batch-size", type=_positive_int, default=512)
     return parser
 
 
@@ -144,18 +291,60 @@ def cpu_rank_multiple() -> int:
     return 16 if " avx512f" in flags else 8
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> tuple[Any, Any, float, Any]:
+    """Model (shaped for ``--data`` when given), an example input, load seconds, and the dataset or None."""
     import torch
 
     from compress.models import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(
-        args.model, args.weights, num_classes=args.num_classes, input_size=args.input_size, seed=args.seed
-    )
+    dataset = None
+    if getattr(args, "data", None):
+        from compress.workflow import prepare
+
+        prepared = prepare(
+            args.model,
+            args.weights,
+            args.data,
+            data_format=args.data_format,
+            image_size=args.input_size,
+            seed=args.seed,
+            train_samples=args.train_samples,
+        )
+        loaded, dataset = prepared.loaded, prepared.data
+    else:
+        loaded = load_model(
+            args.model, args.weights, num_classes=args.num_classes, input_size=args.input_size, seed=args.seed
+        )
     gen = torch.Generator().manual_seed(args.seed)
     example = torch.randn(1, *loaded.input_shape, generator=gen)
-    return loaded, example, time.perf_counter() - t0
+    return loaded, example, time.perf_counter() - t0, dataset
+
+
+def _train_dense(args: argparse.Namespace, loaded: Any, dataset: Any) -> dict[str, Any]:
+    """``run --train-epochs N``: train the dense model first (cached in the training folder)."""
+    from compress.train import TrainConfig
+    from compress.workflow import train_model
+
+    folder = Path(args.train_dir) if args.train_dir else Path(args.run_dir).parent / f"train-{dataset.info.name}"
+    config = TrainConfig(epochs=args.train_epochs, seed=args.seed, eval_samples=args.eval_samples)
+    meta = {
+        "model_spec": loaded.spec,
+        "weights": loaded.weights,
+        "data": dataset.info.name,
+        "train_samples": len(dataset.train),
+    }
+    print(f"training the dense {loaded.name} on {dataset.info.name} for {args.train_epochs} epochs into {folder}")
+    result = train_model(loaded.model, dataset, config, folder, meta=meta, device=args.device)
+    loaded.model.cpu().eval()
+    loaded.weights = f"trained:{folder / 'model.safetensors'}"
+    loaded.warning = None
+    return {
+        "dir": str(folder),
+        "epochs": args.train_epochs,
+        "wall_s": result.wall_s,
+        "resumed_from_epoch": result.resumed_from_epoch,
+    }
 
 
 def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
@@ -169,7 +358,8 @@ def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
 
     ensure_writable_dir(args.run_dir)
     config = _config(args) if plan_path is None else None
-    loaded, example, t_load = _load(args)
+    loaded, example, t_load, dataset = _load(args)
+    trained = _train_dense(args, loaded, dataset) if dataset is not None and args.train_epochs else None
     dense = loaded.model
     compressed = copy.deepcopy(dense)
     t0 = time.perf_counter()
@@ -214,10 +404,53 @@ def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
         "wall_s": {"load": t_load, "plan": t_plan, "apply": t_apply, "compress": t_plan + t_apply},
         "warnings": plan.warnings,
     }
+    if trained is not None:
+        info["dense_training"] = trained
+    if dataset is not None:
+        info["accuracy"] = _accuracy_before_finetune(args, dataset, dense, compressed)
     save_run(args.run_dir, info=info, plan=plan, dense=dense, compressed=compressed)
     print(_summary(plan, info))
     print(f"wrote {Path(args.run_dir)}/{{plan.json, compress.json, dense.safetensors, model.safetensors}}")
+    if dataset is not None and args.finetune_epochs:
+        from compress.train import TrainConfig
+        from compress.workflow import finetune_run
+
+        config = TrainConfig(
+            epochs=args.finetune_epochs,
+            lr=args.finetune_lr,
+            seed=args.seed,
+            eval_samples=args.eval_samples,
+            kd_alpha=0.5 if args.kd else 0.0,
+        )
+        accuracy = finetune_run(args.run_dir, dataset, config, device=args.device, kd=args.kd)
+        print(_accuracy_line(accuracy))
     return 0
+
+
+def _accuracy_before_finetune(args: argparse.Namespace, dataset: Any, dense: Any, compressed: Any) -> dict[str, Any]:
+    from compress.train import TrainConfig
+    from compress.workflow import evaluate_model
+
+    config = TrainConfig(eval_samples=args.eval_samples)
+    accuracy = {
+        "data": dataset.info.to_dict(),
+        "eval_samples": args.eval_samples,
+        "dense": evaluate_model(dense, dataset, config, args.device).to_dict(),
+        "raw": evaluate_model(compressed, dataset, config, args.device).to_dict(),
+        "finetuned": None,
+    }
+    print(_accuracy_line(accuracy))
+    return accuracy
+
+
+def _accuracy_line(accuracy: dict[str, Any]) -> str:
+    parts = []
+    for key in ("dense", "raw", "finetuned"):
+        acc = accuracy.get(key)
+        if acc:
+            parts.append(f"{key} {100 * acc['top1']:.2f}%")
+    n = (accuracy.get("dense") or {}).get("n")
+    return f"accuracy on {accuracy['data']['name']} (n={n}): " + ", ".join(parts)
 
 
 def _summary(plan: Any, info: dict[str, Any]) -> str:
@@ -252,6 +485,104 @@ def _show(path: str) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import shutil
+
+    from compress.workflow import prepare, train_model
+
+    if args.kd_alpha:
+        raise UserInputError("train has no teacher for --kd-alpha; distillation belongs to finetune/run --kd")
+    prepared = prepare(
+        args.model,
+        args.weights,
+        args.data,
+        data_format=args.data_format,
+        image_size=args.input_size,
+        seed=args.seed,
+        train_samples=args.train_samples,
+    )
+    loaded, dataset = prepared.loaded, prepared.data
+    if loaded.warning and args.weights not in ("auto", "random"):
+        print(f"WARNING: {loaded.warning}", file=sys.stderr)
+    out = Path(args.out)
+    if args.restart and out.exists():
+        for name in ("checkpoint.pt", "train_log.json", "train.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "finetune", ignore_errors=True)
+    config = _train_config(args)
+    meta = {
+        "model_spec": loaded.spec,
+        "weights": loaded.weights,
+        "data": dataset.info.name,
+        "train_samples": len(dataset.train),
+    }
+    result = train_model(loaded.model, dataset, config, out, meta=meta, device=args.device)
+    if result.final is not None:
+        print(
+            f"{loaded.name} on {dataset.info.name}: {result.final} after {len(result.history)} epochs, {result.wall_s:.0f} s"
+        )
+    print(f"wrote {out}/{{model.safetensors, checkpoint.pt, train_log.json, train.json}}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import shutil
+
+    from compress.artifacts import load_run
+    from compress.workflow import FINETUNE_DIR, finetune_run, prepare
+
+    run = load_run(args.run_dir)
+    spec = run.info["model_spec"]
+    size = int(run.info["input_shape"][-1])
+    prepared = prepare(
+        spec,
+        "random",
+        args.data,
+        data_format=args.data_format,
+        image_size=size,
+        seed=args.seed,
+        train_samples=args.train_samples,
+    )
+    if tuple(prepared.loaded.input_shape) != tuple(run.input_shape[1:]):
+        raise UserInputError(
+            f"{args.data} gives inputs {list(prepared.loaded.input_shape)} but the run was compressed for "
+            f"{list(run.input_shape[1:])}; use the dataset the model was trained on"
+        )
+    if args.restart:
+        shutil.rmtree(Path(args.run_dir) / FINETUNE_DIR, ignore_errors=True)
+    config = _train_config(args)
+    if args.kd and not config.kd_alpha:
+        import dataclasses
+
+        config = dataclasses.replace(config, kd_alpha=0.5)
+    accuracy = finetune_run(args.run_dir, prepared.data, config, device=args.device, kd=config.kd_alpha > 0)
+    print(_accuracy_line(accuracy))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from compress.train import TrainConfig
+    from compress.workflow import evaluate_model, prepare
+
+    config = TrainConfig(eval_samples=args.eval_samples, eval_batch_size=args.batch_size)
+    if args.run_dir:
+        from compress.artifacts import load_run
+
+        run = load_run(args.run_dir)
+        size = int(run.info["input_shape"][-1])
+        dataset = prepare(
+            run.info["model_spec"], "random", args.data, data_format=args.data_format, image_size=size
+        ).data
+        for name, model in (("dense", run.dense), ("compressed", run.compressed)):
+            print(f"{name}: {evaluate_model(model, dataset, config, args.device)}")
+        return 0
+    if not args.model:
+        raise UserInputError("eval needs --model (with --weights) or --run-dir")
+    prepared = prepare(args.model, args.weights, args.data, data_format=args.data_format, seed=args.seed)
+    print(f"{prepared.loaded.name}: {evaluate_model(prepared.loaded.model, prepared.data, config, args.device)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = _build_parser().parse_args(argv)
@@ -262,11 +593,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "show":
         return _show(args.plan)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "finetune":
+        return _finetune(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "plan":
         from compress.api import plan_compression
 
         config = _config(args)
-        loaded, example, _ = _load(args)
+        loaded, example, _, _ = _load(args)
         plan = plan_compression(loaded.model, config, example, model_name=loaded.name)
         plan.save(args.out)
         print(

@@ -94,7 +94,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunArtifacts:
         num_classes = info.get("num_classes")
     except (KeyError, TypeError, IndexError, ValueError):
         raise UserInputError(f"{folder / INFO_FILE} lacks model_spec/input_shape; re-run the compress stage") from None
-    base = load_model(spec, "random", num_classes=num_classes, input_size=size).model
+    channels = int(info["input_shape"][1]) if len(info["input_shape"]) == 4 else None
+    base = load_model(spec, "random", num_classes=num_classes, input_size=size, in_channels=channels).model
     dense = base
     compressed = apply_plan_(copy.deepcopy(base), plan, init="empty")
     for model, name in ((dense, DENSE_WEIGHTS), (compressed, MODEL_WEIGHTS)):

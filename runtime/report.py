@@ -240,6 +240,8 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
          "parity_dense": {"max_abs", "max_rel"},              # dense ONNX vs its PyTorch
          "ratios": {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency"},
          "weights_warning": str | null, "agreement": from compress.json,
+         "accuracy": null (no DATA) | {"data", "n", "dense", "raw", "finetuned"}, each {"top1", "top5",
+                     "ci95", "n", "loss"} or null (finetuned: null without FINETUNE_EPOCHS),
          "env": from latency.json, "artifacts": [file names in the run directory]}
 
     ``ratios.params`` and ``ratios.macs`` are dense / compressed; ``speedup_p50`` is
@@ -305,6 +307,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "ratios": ratios,
         "weights_warning": comp.get("weights_warning"),
         "agreement": comp.get("agreement"),
+        "accuracy": _accuracy(comp.get("accuracy")),
         "env": latency.get("env", {}),
         "artifacts": artifacts,
     }
@@ -359,6 +362,20 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
     agreement = report.get("agreement")
     if isinstance(agreement, Mapping) and agreement:
         lines.append("- Agreement (dense vs compressed): " + ", ".join(f"{k} {_g(v)}" for k, v in agreement.items()))
+    acc = report.get("accuracy")
+    if isinstance(acc, Mapping) and acc:
+        lines += ["", f"Accuracy on {acc.get('data')} (test images: {acc.get('n')}, 95% Wilson interval):", ""]
+        lines += ["| | dense | compressed, raw | compressed, fine-tuned |", "|---|---:|---:|---:|"]
+        lines.append("| top-1 | " + " | ".join(_pct(acc.get(k)) for k in ("dense", "raw", "finetuned")) + " |")
+        if any((acc.get(k) or {}).get("top5") is not None for k in ("dense", "raw", "finetuned")):
+            lines.append(
+                "| top-5 | "
+                + " | ".join(
+                    "–" if not acc.get(k) or acc[k].get("top5") is None else f"{100 * acc[k]['top5']:.2f}%"
+                    for k in ("dense", "raw", "finetuned")
+                )
+                + " |"
+            )
     lines.append("")
     if has_plot:
         lines += ["![latency](latency.png)", ""]
@@ -369,6 +386,31 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
 
 
 # Internals --------------------------------------------------------------------------------------------
+
+
+def _accuracy(record: Any) -> dict[str, Any] | None:
+    """The report's accuracy block from compress.json's (None when the run had no data)."""
+    if not isinstance(record, Mapping) or not record.get("dense"):
+        return None
+    keep = ("top1", "top5", "ci95", "n", "loss")
+    block: dict[str, Any] = {
+        "data": (record.get("data") or {}).get("name"),
+        "n": record["dense"].get("n"),
+    }
+    for key in ("dense", "raw", "finetuned"):
+        value = record.get(key)
+        block[key] = {k: value.get(k) for k in keep} if isinstance(value, Mapping) else None
+    if isinstance(record.get("finetune"), Mapping):
+        block["finetune"] = {k: record["finetune"].get(k) for k in ("epochs", "steps", "wall_s", "kd")}
+    return block
+
+
+def _pct(value: Any) -> str:
+    if not isinstance(value, Mapping) or value.get("top1") is None:
+        return "–"
+    lo, hi = value.get("ci95") or (None, None)
+    ci = "" if lo is None else f" ({100 * lo:.1f}–{100 * hi:.1f})"
+    return f"{100 * value['top1']:.2f}%{ci}"
 
 
 def _speedup_pair(keys: list[str]) -> tuple[str, str] | None:

@@ -71,3 +71,57 @@ def test_make_export_end_to_end(tmp_path: Path) -> None:
     assert report["weights"] == "random"
     assert (run_dir / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "compressed" in (run_dir / "report.md").read_text()
+
+
+FMNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+@pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST is not installed (make data installs the Debian package dataset-fashion-mnist)",
+)
+def test_make_train_export_finetune_with_data(tmp_path: Path) -> None:
+    """README flow on real data: make train → make export DATA=… FINETUNE_EPOCHS=… → make finetune."""
+    venv = Path(sys.executable).resolve().parents[1]
+    out = tmp_path / "artifacts"
+    model = "cifar_resnet20_w0.25"
+    common = [f"MODEL={model}", "DATA=fashion-mnist", "EVAL_SAMPLES=200", f"OUT={out}", f"VENV={venv}"]
+    env = {**os.environ, "MAKEFLAGS": "", "OMP_NUM_THREADS": "1"}
+
+    def make(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["make", *args, *common], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    make("train", "EPOCHS=1", "TRAIN_ARGS=--train-samples 2048 --batch-size 64")
+    weights = out / model / "train-fashion-mnist" / "model.safetensors"
+    assert weights.is_file()
+    make(
+        "export",
+        f"WEIGHTS={weights}",
+        "RATIO=2",
+        "ROUND_TO=2",
+        "DURATION=1",
+        "THREADS=1",
+        "FINETUNE_EPOCHS=1",
+        "COMPRESS_ARGS=--min-rank 2 --train-samples 1024",
+    )
+    run_dir = out / model / "tucker2"
+    report = json.loads((run_dir / "report.json").read_text())
+    acc = report["accuracy"]
+    assert acc["data"] == "fashion-mnist"
+    assert acc["n"] == 200
+    assert acc["dense"]["top1"] > 0.3  # trained weights, not chance (0.1)
+    for key in ("raw", "finetuned"):
+        assert 0.0 <= acc[key]["top1"] <= 1.0
+    assert acc["finetune"]["epochs"] == 1
+    assert report["input_shape"] == [1, 1, 28, 28]
+    assert report["weights_warning"] is None
+    md = (run_dir / "report.md").read_text()
+    assert "Accuracy on fashion-mnist" in md
+    assert f"{100 * acc['dense']['top1']:.2f}%" in md
+
+    make("finetune", "FINETUNE_EPOCHS=1", "TRAIN_ARGS=--max-steps 3 --restart --train-samples 1024")
+    info = json.loads((run_dir / "compress.json").read_text())
+    assert info["accuracy"]["finetune"]["steps"] == 3

@@ -124,8 +124,9 @@ def test_report_schema_and_ratios(run_dir, fake_result):
         "parity",
         "env",
     }
-    extras = {"ratios", "weights_warning", "agreement", "parity_dense", "artifacts", "batch"}
+    extras = {"ratios", "weights_warning", "agreement", "accuracy", "parity_dense", "artifacts", "batch"}
     assert set(on_disk) == contract | extras
+    assert on_disk["accuracy"] is None  # no DATA given
     comp = json.loads((run_dir / "compress.json").read_text())
     assert (on_disk["model"], on_disk["method"], on_disk["weights"]) == ("tiny", "tucker2", "random")
     assert on_disk["input_shape"] == [1, 3, 8, 8]
@@ -226,3 +227,35 @@ def test_report_falls_back_to_parity_onnx_bytes(run_dir, fake_result):
     report = write_report(run_dir)
     assert report["dense"]["onnx_bytes"] == 1  # parity.json's value
     assert "dense.onnx" not in report["artifacts"]
+
+
+def test_report_carries_dense_raw_finetuned_accuracy(run_dir, fake_result):
+    _with_latency(run_dir, fake_result)
+    comp_path = run_dir / "compress.json"
+    comp = json.loads(comp_path.read_text())
+
+    def acc(top1):
+        return {"top1": top1, "n": 10000, "ci95": [top1 - 0.006, top1 + 0.006], "loss": 0.3, "top5": None}
+
+    comp["accuracy"] = {
+        "data": {"name": "fashion-mnist"},
+        "eval_samples": None,
+        "dense": acc(0.912),
+        "raw": acc(0.5),
+        "finetuned": acc(0.9),
+        "finetune": {"epochs": 2, "steps": 936, "wall_s": 120.0, "kd": False, "config": {}},
+    }
+    comp_path.write_text(json.dumps(comp))
+    report = write_report(run_dir)
+    assert report["accuracy"]["data"] == "fashion-mnist"
+    assert report["accuracy"]["n"] == 10000
+    assert [report["accuracy"][k]["top1"] for k in ("dense", "raw", "finetuned")] == [0.912, 0.5, 0.9]
+    assert report["accuracy"]["finetune"]["epochs"] == 2
+    md = (run_dir / "report.md").read_text()
+    assert "| top-1 | 91.20% (90.6–91.8) | 50.00% (49.4–50.6) | 90.00% (89.4–90.6) |" in md
+
+    comp["accuracy"]["finetuned"] = None  # DATA without FINETUNE_EPOCHS
+    comp_path.write_text(json.dumps(comp))
+    report = write_report(run_dir)
+    assert report["accuracy"]["finetuned"] is None
+    assert "| top-1 | 91.20% (90.6–91.8) | 50.00% (49.4–50.6) | – |" in (run_dir / "report.md").read_text()
