@@ -278,3 +278,35 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     for key in one:
         assert not torch.equal(one[key], start[key]), f"{key} did not train"
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{key} differs between 1 and 2 ranks")
+
+
+@needs_fmnist
+def test_gradient_clipping_bounds_the_step_and_channels_last_trains(fmnist):
+    from compress.train import TrainConfig, Trainer
+
+    train, _ = _subsets(fmnist, 256, 100)
+    model = _small_resnet()
+    before = [p.detach().clone() for p in model.parameters()]
+    config = TrainConfig(
+        epochs=1, batch_size=64, lr=1.0, momentum=0.0, weight_decay=0.0, schedule="constant", clip_grad=0.5,
+        max_steps=1, channels_last=True,
+    )  # fmt: skip
+    Trainer(model, config, train, device="cpu", progress=False).fit()
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    assert float(step.norm()) == pytest.approx(0.5, rel=1e-3)  # plain SGD step = lr · clipped gradient
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_fmnist
+def test_adamw_with_step_schedule_and_label_smoothing_learns(fmnist):
+    from compress.train import TrainConfig, Trainer
+
+    train, test = _subsets(fmnist, 1024, 500)
+    config = TrainConfig(
+        epochs=2, batch_size=64, optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="step", label_smoothing=0.1
+    )
+    result = Trainer(_small_resnet(), config, train, test, device="cpu", progress=False).fit()
+    assert result.history[0]["lr_end"] == pytest.approx(3e-3)
+    assert result.history[1]["lr_end"] == pytest.approx(3e-5)  # default milestones: epochs 1 and 1.5
+    assert result.history[1]["loss"] < result.history[0]["loss"]
+    assert result.final.top1 > 0.5

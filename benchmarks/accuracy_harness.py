@@ -1,0 +1,128 @@
+"""Shared machinery of the real-data benchmarks: a cached dense model, compress → raw → fine-tune, latency.
+
+Every method's accuracy benchmark (Tucker-2 reference, joint SVD, LRSD, CC, …) answers the same
+questions with the same budget, so they share this code:
+
+* :func:`trained_dense` trains (or reloads, from a cache folder with a resumable checkpoint) the dense
+  model on the dataset;
+* :func:`compress_and_finetune` applies one compression variant to a copy, measures raw accuracy,
+  fine-tunes with the given budget, measures again, and records params/MACs/wall times;
+* :func:`ort_latency` exports every model through the project's export pipeline (BN folded, parity
+  checked) and times them side by side with the runtime harness (ratios from one interleaved run).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.data import Dataset
+from compress.metrics import count_macs, count_params
+from compress.train import TrainConfig, Trainer, evaluate
+
+__all__ = ["compress_and_finetune", "ort_latency", "trained_dense"]
+
+
+def trained_dense(
+    model: nn.Module, data: Dataset, config: TrainConfig, cache_dir: Path, *, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Train ``model`` in place (resuming/reusing ``cache_dir``); return the training record."""
+    from compress.workflow import train_model
+
+    t0 = time.perf_counter()
+    result = train_model(model, data, config, cache_dir, meta=meta, device="cpu", progress=False)
+    model.eval()
+    record = result.to_dict()
+    record["wall_s_this_call"] = time.perf_counter() - t0
+    record["train_wall_s"] = sum(e["wall_s"] for e in result.history)
+    return record
+
+
+def compress_and_finetune(
+    dense: nn.Module,
+    compress_fn: Callable[[nn.Module], Any],
+    data: Dataset,
+    finetune: TrainConfig,
+    example: torch.Tensor,
+    *,
+    eval_samples: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Compress a copy of ``dense`` with ``compress_fn`` (in place), fine-tune it, measure both stages.
+
+    Returns:
+        The fine-tuned model and its record: params, MACs, compress wall time, raw and fine-tuned
+        accuracy (Accuracy dicts), fine-tuning wall time and per-epoch history.
+    """
+    model = copy.deepcopy(dense).eval()
+    t0 = time.perf_counter()
+    plan = compress_fn(model)
+    compress_s = time.perf_counter() - t0
+    model.eval()
+    raw = evaluate(model, data.test, max_samples=eval_samples)
+    t0 = time.perf_counter()
+    result = Trainer(model, finetune, data.train, data.test, device="cpu", progress=False).fit()
+    finetune_s = time.perf_counter() - t0
+    model.eval()
+    final = result.final if result.final is not None else evaluate(model, data.test, max_samples=eval_samples)
+    record = {
+        "params": count_params(model),
+        "macs": count_macs(model, example),
+        "compress_s": compress_s,
+        "raw": raw.to_dict(),
+        "finetuned": final.to_dict(),
+        "finetune_s": finetune_s,
+        "finetune_history": result.history,
+        "plan": None if plan is None or not hasattr(plan, "to_dict") else _plan_summary(plan),
+    }
+    return model, record
+
+
+def _plan_summary(plan: Any) -> dict[str, Any]:
+    return {
+        "target": plan.target,
+        "ranks": {e.path: e.ranks for e in plan.factorized_layers},
+        "kept": [e.path for e in plan.layers if not e.ranks],
+    }
+
+
+def ort_latency(
+    models: dict[str, nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    duration_s: float = 20.0,
+    threads: int | None = 1,
+    baseline: str = "dense",
+) -> dict[str, dict[str, Any]]:
+    """Export each model (BN folded, parity checked) and time all of them side by side on ORT CPU."""
+    from export import check_onnx_parity, onnx_from_torch, optimize, save_onnx
+    from runtime import BenchmarkConfig, OrtRunner, benchmark
+
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, model in models.items():
+            path = Path(tmp) / f"{name}.onnx"
+            proto = optimize(onnx_from_torch(model.eval(), torch.zeros(input_shape)))
+            save_onnx(proto, path)
+            parity = check_onnx_parity(model, path, input_shape=input_shape)
+            paths[name] = path
+            rows[name] = {"onnx_bytes": path.stat().st_size, "parity_max_abs": parity.max_abs}
+        runners = {k: OrtRunner(v, intra_op_threads=threads) for k, v in paths.items()}
+        gen = torch.Generator().manual_seed(0)
+        feed = {"input": torch.randn(input_shape, generator=gen).numpy()}
+        result = benchmark(runners, feed, BenchmarkConfig(duration_s=duration_s, warmup_s=1.0, batch=input_shape[0]))
+    for name, row in rows.items():
+        s = result.stats[name]
+        row["latency_ms"] = {"p50": s.p50, "p90": s.p90, "p99": s.p99, "n": s.n}
+        if name != baseline:
+            est = result.speedup(baseline, name)
+            row["speedup_p50"] = est.ratio
+            row["speedup_ci95"] = list(est.ci95)
+    return rows
