@@ -244,7 +244,7 @@ def finetune_run(
         accuracy["raw"] = evaluate_model(run.compressed, data, config, device).to_dict()
     meta = {
         "model_spec": info.get("model_spec"),
-        "plan": "plan.json",
+        "plan": run.plan.to_dict(),  # the checkpoint alone rebuilds the architecture (apply_plan_ on the base model)
         "run_dir": str(folder),
         "data": data.info.name,
         "train_samples": len(data.train),

@@ -149,6 +149,19 @@ def test_run_with_data_records_dense_raw_and_finetuned_accuracy(tmp_path):
     assert (run_dir / "model.raw.safetensors").is_file()
     assert (tmp_path / "run" / "train-fashion-mnist" / "checkpoint.pt").is_file()
 
+    # the fine-tuning checkpoint alone (weights + plan) rebuilds the compressed model
+    import copy
+
+    from compress.api import apply_plan_
+    from compress.plan import Plan
+    from compress.train import load_checkpoint
+    from compress.zoo import create_model
+
+    ckpt = load_checkpoint(run_dir / "finetune" / "checkpoint.pt")
+    meta = json.loads(ckpt["meta_json"])
+    rebuilt = apply_plan_(copy.deepcopy(create_model(MODEL, in_channels=1)), Plan.from_dict(meta["plan"]), init="empty")
+    rebuilt.load_state_dict(ckpt["model"])  # strict: every tensor of the compressed architecture is there
+
     # the run directory reloads (1-channel stem) and its models evaluate to the recorded figures
     proc = _compress("eval", "--run-dir", str(run_dir), "--data", "fashion-mnist", "--eval-samples", "200")
     assert proc.returncode == 0, proc.stderr
