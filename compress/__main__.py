@@ -291,6 +291,33 @@ def cpu_rank_multiple() -> int:
     return 16 if " avx512f" in flags else 8
 
 
+def _prepare(
+    args: argparse.Namespace, spec: str | None = None, weights: str | None = None, image_size: int | None = None
+) -> Any:
+    """``compress.workflow.prepare`` with the data options of ``args`` (model/weights/size overridable)."""
+    from compress.workflow import prepare
+
+    return prepare(
+        spec or args.model,
+        weights or args.weights,
+        args.data,
+        data_format=args.data_format,
+        image_size=image_size if image_size is not None else getattr(args, "input_size", None),
+        seed=args.seed,
+        train_samples=getattr(args, "train_samples", None),
+    )
+
+
+def _train_meta(loaded: Any, dataset: Any) -> dict[str, Any]:
+    """What identifies a training run of ``loaded`` on ``dataset`` (a changed value refuses the cached folder)."""
+    return {
+        "model_spec": loaded.spec,
+        "weights": loaded.weights,
+        "data": dataset.info.name,
+        "train_samples": len(dataset.train),
+    }
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any, float, Any]:
     """Model (shaped for ``--data`` when given), an example input, load seconds, and the dataset or None."""
     import torch
@@ -300,17 +327,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, float, Any]:
     t0 = time.perf_counter()
     dataset = None
     if getattr(args, "data", None):
-        from compress.workflow import prepare
-
-        prepared = prepare(
-            args.model,
-            args.weights,
-            args.data,
-            data_format=args.data_format,
-            image_size=args.input_size,
-            seed=args.seed,
-            train_samples=args.train_samples,
-        )
+        prepared = _prepare(args)
         loaded, dataset = prepared.loaded, prepared.data
     else:
         loaded = load_model(
@@ -328,12 +345,7 @@ def _train_dense(args: argparse.Namespace, loaded: Any, dataset: Any) -> dict[st
 
     folder = Path(args.train_dir) if args.train_dir else Path(args.run_dir).parent / f"train-{dataset.info.name}"
     config = TrainConfig(epochs=args.train_epochs, seed=args.seed, eval_samples=args.eval_samples)
-    meta = {
-        "model_spec": loaded.spec,
-        "weights": loaded.weights,
-        "data": dataset.info.name,
-        "train_samples": len(dataset.train),
-    }
+    meta = _train_meta(loaded, dataset)
     print(f"training the dense {loaded.name} on {dataset.info.name} for {args.train_epochs} epochs into {folder}")
     result = train_model(loaded.model, dataset, config, folder, meta=meta, device=args.device)
     loaded.model.cpu().eval()
@@ -488,19 +500,11 @@ def _show(path: str) -> int:
 def _train(args: argparse.Namespace) -> int:
     import shutil
 
-    from compress.workflow import prepare, train_model
+    from compress.workflow import train_model
 
     if args.kd_alpha:
         raise UserInputError("train has no teacher for --kd-alpha; distillation belongs to finetune/run --kd")
-    prepared = prepare(
-        args.model,
-        args.weights,
-        args.data,
-        data_format=args.data_format,
-        image_size=args.input_size,
-        seed=args.seed,
-        train_samples=args.train_samples,
-    )
+    prepared = _prepare(args)
     loaded, dataset = prepared.loaded, prepared.data
     if loaded.warning and args.weights not in ("auto", "random"):
         print(f"WARNING: {loaded.warning}", file=sys.stderr)
@@ -510,12 +514,7 @@ def _train(args: argparse.Namespace) -> int:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "finetune", ignore_errors=True)
     config = _train_config(args)
-    meta = {
-        "model_spec": loaded.spec,
-        "weights": loaded.weights,
-        "data": dataset.info.name,
-        "train_samples": len(dataset.train),
-    }
+    meta = _train_meta(loaded, dataset)
     result = train_model(loaded.model, dataset, config, out, meta=meta, device=args.device)
     if result.final is not None:
         print(
@@ -529,20 +528,10 @@ def _finetune(args: argparse.Namespace) -> int:
     import shutil
 
     from compress.artifacts import load_run
-    from compress.workflow import FINETUNE_DIR, finetune_run, prepare
+    from compress.workflow import FINETUNE_DIR, finetune_run
 
     run = load_run(args.run_dir)
-    spec = run.info["model_spec"]
-    size = int(run.info["input_shape"][-1])
-    prepared = prepare(
-        spec,
-        "random",
-        args.data,
-        data_format=args.data_format,
-        image_size=size,
-        seed=args.seed,
-        train_samples=args.train_samples,
-    )
+    prepared = _prepare(args, run.info["model_spec"], "random", image_size=int(run.info["input_shape"][-1]))
     if tuple(prepared.loaded.input_shape) != tuple(run.input_shape[1:]):
         raise UserInputError(
             f"{args.data} gives inputs {list(prepared.loaded.input_shape)} but the run was compressed for "
@@ -562,23 +551,20 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from compress.train import TrainConfig
-    from compress.workflow import evaluate_model, prepare
+    from compress.workflow import evaluate_model
 
     config = TrainConfig(eval_samples=args.eval_samples, eval_batch_size=args.batch_size)
     if args.run_dir:
         from compress.artifacts import load_run
 
         run = load_run(args.run_dir)
-        size = int(run.info["input_shape"][-1])
-        dataset = prepare(
-            run.info["model_spec"], "random", args.data, data_format=args.data_format, image_size=size
-        ).data
+        dataset = _prepare(args, run.info["model_spec"], "random", image_size=int(run.info["input_shape"][-1])).data
         for name, model in (("dense", run.dense), ("compressed", run.compressed)):
             print(f"{name}: {evaluate_model(model, dataset, config, args.device)}")
         return 0
     if not args.model:
         raise UserInputError("eval needs --model (with --weights) or --run-dir")
-    prepared = prepare(args.model, args.weights, args.data, data_format=args.data_format, seed=args.seed)
+    prepared = _prepare(args)
     print(f"{prepared.loaded.name}: {evaluate_model(prepared.loaded.model, prepared.data, config, args.device)}")
     return 0
 
