@@ -8,7 +8,9 @@ so a plan can be inspected, edited and re-applied to a fresh base model.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -37,7 +39,9 @@ __all__ = [
     "compress_",
     "method_config",
     "plan_compression",
+    "register_applier",
     "register_method",
+    "register_planner",
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -121,13 +125,20 @@ _C = TypeVar("_C")
 Planner = Callable[..., Plan]
 _PLANNERS: dict[type, Planner] = {}
 METHODS: dict[str, Callable[..., Any]] = {}
+_METHOD_FIELDS: dict[str, set[str]] = {}
+Applier = Callable[..., nn.Module]
+_APPLIERS: dict[str, Applier] = {}
 
 
-def register_method(name: str, config_factory: Callable[..., Any]) -> None:
-    """Expose a method under a CLI name; ``config_factory(**options)`` builds its config."""
+def register_method(name: str, config_type: type, **fixed: Any) -> None:
+    """Expose a method under a CLI name: ``method_config(name, **options)`` builds ``config_type(**fixed, **options)``.
+
+    ``config_type`` is a frozen dataclass; only its fields are accepted as options.
+    """
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered")
-    METHODS[name] = config_factory
+    METHODS[name] = functools.partial(config_type, **fixed)
+    _METHOD_FIELDS[name] = {f.name for f in dataclasses.fields(config_type)} - set(fixed)
 
 
 def register_planner(config_type: type[_C]) -> Callable[[Planner], Planner]:
@@ -140,21 +151,45 @@ def register_planner(config_type: type[_C]) -> Callable[[Planner], Planner]:
     return wrap
 
 
+def register_applier(method: str) -> Callable[[Applier], Applier]:
+    """Decorator registering how plans of ``method`` are applied (default: one factorization per layer).
+
+    The applier is called as ``fn(model, plan, init=...)`` and must follow :func:`apply_plan_`'s contract.
+    Methods whose layers share tensors (joint SVD) or need more than a layer's weight use this hook.
+    """
+
+    def wrap(fn: Applier) -> Applier:
+        _APPLIERS[method] = fn
+        return fn
+
+    return wrap
+
+
+# Options every CLI invocation passes whether or not the method uses them (e.g. ``--round-to auto``).
+_SOFT_OPTIONS = frozenset({"round_to"})
+
+
 def method_config(name: str, *, ratio: float | None = 4.0, **options: Any) -> Any:
     """Build the config of method ``name``.
 
-    ``ratio`` is passed as given (``None`` = use the rank rule's own knob); other options that are
-    ``None`` fall back to the config's defaults.
+    ``ratio`` is passed as given (``None`` = use the method's own knob); other options that are ``None``
+    fall back to the config's defaults. An option the method does not take is a :class:`UserInputError`.
     """
     try:
         factory = METHODS[name]
     except KeyError:
         raise UserInputError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
-    return factory(ratio=ratio, **{k: v for k, v in options.items() if v is not None})
+    accepted = _METHOD_FIELDS[name]
+    given = {k: v for k, v in options.items() if v is not None}
+    foreign = sorted(k for k in given if k not in accepted and k not in _SOFT_OPTIONS)
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise UserInputError(f"method {name!r} does not take {flags}; drop it (see `python -m compress run --help`)")
+    return factory(ratio=ratio, **{k: v for k, v in given.items() if k in accepted})
 
 
 for _name in CONV_METHODS:
-    register_method(_name, lambda _m=_name, **kw: LowRankConfig(method=_m, **kw))
+    register_method(_name, LowRankConfig, method=_name)
 
 
 # ================================================================================================ planning
@@ -385,6 +420,8 @@ def apply_plan_(model: nn.Module, plan: Plan, *, init: str = "decompose") -> nn.
     """
     if init not in ("decompose", "empty"):
         raise ValueError(f"init must be 'decompose' or 'empty', got {init!r}")
+    if plan.method in _APPLIERS:
+        return _APPLIERS[plan.method](model, plan, init=init)
     hooi = int(plan.config.get("hooi_iters", 0) or 0)
     for entry in plan.factorized_layers:
         try:
