@@ -24,6 +24,11 @@ DURATION ?= 10
 THREADS  ?=
 ROUND_TO ?=
 RANK_RULE ?=
+# METHOD=vbmf-tucker2 options: ExpandNets rate of the training stage (0 = off), orthogonal regularizer
+# (so|srip|none), MUSCO multi-stage fine-tuning in STAGES groups. Other methods refuse them by name.
+EXPANSION ?=
+ORTHO ?=
+STAGES ?=
 PRECISION ?= fp16
 # Extra flags for `python -m export engine` (e.g. ENGINE_ARGS="--max-batch 32 --timing-cache t.cache").
 ENGINE_ARGS ?=
@@ -56,6 +61,7 @@ RUN_DIR  := $(OUT)/$(_MODEL_NAME)/$(METHOD)
 _OPT_ROUND  := $(if $(ROUND_TO),--round-to $(ROUND_TO),)
 _OPT_RULE   := $(if $(RANK_RULE),--rank-rule $(RANK_RULE),)
 _OPT_THREADS := $(if $(THREADS),--threads $(THREADS),)
+_OPT_METHOD := $(if $(EXPANSION),--expansion $(EXPANSION),) $(if $(ORTHO),--orthogonality $(ORTHO),) $(if $(STAGES),--stages $(STAGES),)
 _OPT_EVAL   := $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES),)
 _OPT_DATA   := $(if $(DATA),--data '$(DATA)' --train-epochs $(TRAIN_EPOCHS) --finetune-epochs $(FINETUNE_EPOCHS) $(_OPT_EVAL),)
 # The data prerequisite: installs Fashion-MNIST with apt when DATA=fashion-mnist and it is missing.
@@ -68,8 +74,9 @@ _LAUNCH     := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone -
 .PHONY: help venv data export train finetune engine test test-all lint bench clean
 
 help:
-	@echo "make export MODEL=resnet34 [METHOD=tucker2|svd|tai|cp] [RATIO=4] [WEIGHTS=auto|imagenet|random|path]"
-	@echo "            [BATCH=1] [OUT=artifacts] [BACKEND=ort|torch] [DURATION=10] [ROUND_TO=8] [RANK_RULE=uniform|evbmf|energy]"
+	@echo "make export MODEL=resnet34 [METHOD=tucker2|svd|tai|cp|vbmf-tucker2] [RATIO=4] [WEIGHTS=auto|imagenet|random|path]"
+	@echo "            [BATCH=1] [OUT=artifacts] [BACKEND=ort|torch] [DURATION=10] [ROUND_TO=8]"
+	@echo "            [RANK_RULE=uniform|param-reduction|evbmf|energy] [EXPANSION=4 ORTHO=so|srip|none STAGES=1 (vbmf-tucker2)]"
 	@echo "            [DATA=fashion-mnist|folder] [TRAIN_EPOCHS=0] [FINETUNE_EPOCHS=0] [EVAL_SAMPLES=N]"
 	@echo "make train  MODEL=cifar_resnet18_w0.25 DATA=fashion-mnist [EPOCHS=3] [NPROC=1] [TRAIN_ARGS=...]"
 	@echo "make finetune MODEL=... METHOD=... DATA=... [FINETUNE_EPOCHS=1] [NPROC=1]  fine-tune a run directory"
@@ -96,7 +103,7 @@ data:
 
 export: $(STAMP) $(_DATA_DEP)
 	$(PY) -m compress run --model '$(MODEL)' --method '$(METHOD)' --ratio '$(RATIO)' --weights '$(WEIGHTS)' \
-		--batch '$(BATCH)' --run-dir '$(RUN_DIR)' $(_OPT_ROUND) $(_OPT_RULE) $(_OPT_DATA) $(COMPRESS_ARGS)
+		--batch '$(BATCH)' --run-dir '$(RUN_DIR)' $(_OPT_ROUND) $(_OPT_RULE) $(_OPT_METHOD) $(_OPT_DATA) $(COMPRESS_ARGS)
 	$(PY) -m export onnx --run-dir '$(RUN_DIR)' --batch '$(BATCH)'
 	$(PY) -m runtime bench --run-dir '$(RUN_DIR)' --backend '$(BACKEND)' --batch '$(BATCH)' --duration '$(DURATION)' $(_OPT_THREADS)
 	$(PY) -m runtime report --run-dir '$(RUN_DIR)'

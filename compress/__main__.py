@@ -68,9 +68,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="tucker2", help="tucker2 | svd | tai | cp (decomposition of k×k convs)")
+    g.add_argument(
+        "--method", default="tucker2", help="tucker2 | svd | tai | cp | vbmf-tucker2 | … (README lists every method)"
+    )
     g.add_argument("--ratio", type=_ratio, default=None, help="whole-model parameter compression factor (default 4)")
-    g.add_argument("--rank-rule", default=None, help="uniform (default) | evbmf | energy")
+    g.add_argument("--rank-rule", default=None, help="uniform (default) | param-reduction | evbmf | energy")
     g.add_argument("--energy", type=float, default=None, help="retained energy for --rank-rule energy without --ratio")
     g.add_argument("--omega", type=float, default=None, help="EVBMF weakening factor without --ratio (1 = plain EVBMF)")
     g.add_argument(
@@ -84,6 +86,15 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hooi-iters", type=int, default=None, help="HOOI sweeps after HOSVD for Tucker-2 (default 0)")
     g.add_argument("--exclude", action="append", default=None, help="fnmatch pattern of layers to keep dense")
     g.add_argument("--no-ratio", action="store_true", help="use the rank rule's own knob instead of a ratio")
+    v = p.add_argument_group("vbmf-tucker2 (over-parameterized orthogonal training, EVBMF ranks, Tucker-2)")
+    v.add_argument(
+        "--expansion", type=int, default=None, help="ExpandNets rate of the training stage (default 4; 0 = off)"
+    )
+    v.add_argument(
+        "--orthogonality", default=None, help="so (default) | srip | none: regularizer of the training stage"
+    )
+    v.add_argument("--orth-weight", type=float, default=None, help="λ_orth at the start of training (default 1e-4)")
+    v.add_argument("--stages", type=_positive_int, default=None, help="MUSCO multi-stage fine-tuning in N groups")
 
 
 def _nonneg_int(text: str) -> int:
@@ -272,6 +283,10 @@ def _config(args: argparse.Namespace) -> Any:
         min_rank=args.min_rank,
         hooi_iters=args.hooi_iters,
         exclude=tuple(args.exclude) if args.exclude else None,
+        expansion=args.expansion,
+        orthogonality=args.orthogonality,
+        orth_weight=args.orth_weight,
+        stages=args.stages,
     )
 
 
@@ -338,25 +353,39 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, float, Any]:
     return loaded, example, time.perf_counter() - t0, dataset
 
 
-def _train_dense(args: argparse.Namespace, loaded: Any, dataset: Any) -> dict[str, Any]:
-    """``run --train-epochs N``: train the dense model first (cached in the training folder)."""
+def _train_dense(args: argparse.Namespace, loaded: Any, dataset: Any, method_config: Any = None) -> dict[str, Any]:
+    """``run --train-epochs N``: train the dense model first (cached in the training folder).
+
+    A method with its own training stage (``vbmf-tucker2``: expand, orthogonal regularizer, collapse)
+    trains that way, into a folder named after the recipe.
+    """
     from compress.train import TrainConfig
     from compress.workflow import train_model
 
-    folder = Path(args.train_dir) if args.train_dir else Path(args.run_dir).parent / f"train-{dataset.info.name}"
+    recipe = method_config.dense_training() if hasattr(method_config, "dense_training") else None
+    tag = recipe.tag() if recipe is not None else ""
+    default = Path(args.run_dir).parent / f"train-{dataset.info.name}{tag}"
+    folder = Path(args.train_dir) if args.train_dir else default
     config = TrainConfig(epochs=args.train_epochs, seed=args.seed, eval_samples=args.eval_samples)
     meta = _train_meta(loaded, dataset)
-    print(f"training the dense {loaded.name} on {dataset.info.name} for {args.train_epochs} epochs into {folder}")
-    result = train_model(loaded.model, dataset, config, folder, meta=meta, device=args.device)
+    how = "" if not tag else f" ({tag[1:]}: expanded/orthogonal training, collapsed afterwards)"
+    print(f"training the dense {loaded.name} on {dataset.info.name} for {args.train_epochs} epochs into {folder}{how}")
+    record: dict[str, Any] = {}
+    if recipe is not None and not recipe.plain:
+        from compress.vbmf_tucker import train_overparameterized
+
+        record = train_overparameterized(loaded.model, dataset, config, folder, recipe, meta=meta, device=args.device)
+        wall, resumed = record["wall_s"], None
+    else:
+        result = train_model(loaded.model, dataset, config, folder, meta=meta, device=args.device)
+        wall, resumed = result.wall_s, result.resumed_from_epoch
     loaded.model.cpu().eval()
     loaded.weights = f"trained:{folder / 'model.safetensors'}"
     loaded.warning = None
-    return {
-        "dir": str(folder),
-        "epochs": args.train_epochs,
-        "wall_s": result.wall_s,
-        "resumed_from_epoch": result.resumed_from_epoch,
-    }
+    out = {"dir": str(folder), "epochs": args.train_epochs, "wall_s": wall, "resumed_from_epoch": resumed}
+    if record:
+        out["overparameterized"] = record
+    return out
 
 
 def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
@@ -371,7 +400,7 @@ def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     ensure_writable_dir(args.run_dir)
     config = _config(args) if plan_path is None else None
     loaded, example, t_load, dataset = _load(args)
-    trained = _train_dense(args, loaded, dataset) if dataset is not None and args.train_epochs else None
+    trained = _train_dense(args, loaded, dataset, config) if dataset is not None and args.train_epochs else None
     dense = loaded.model
     compressed = copy.deepcopy(dense)
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from compress.lowrank import (
 )
 from compress.metrics import count_macs, count_params, trace_geometry
 from compress.plan import KEEP, LayerPlan, Plan
-from compress.ranks import Candidate, EVBMFRule, rank_rule, select_ranks
+from compress.ranks import RANK_RULES, Candidate, EVBMFRule, rank_rule, select_ranks
 
 __all__ = [
     "METHODS",
@@ -66,7 +66,9 @@ class LowRankConfig:
             1×1 convs and Linear layers get SVD under every method.
         ratio: Target parameter compression factor of the whole model (dense / compressed), > 1.
             ``None`` uses the rank rule's own knob (``energy`` or ``omega``).
-        rank_rule: ``uniform`` (every layer compressed alike), ``evbmf`` (weakened EVBMF) or ``energy``.
+        rank_rule: ``uniform`` (every layer keeps the same parameter fraction), ``param-reduction`` (MUSCO's
+            direct per-layer rule: Tucker-2 ranks from the quadratic budget with aspect β), ``evbmf``
+            (weakened EVBMF) or ``energy``.
         energy: Retained spectral energy when ``rank_rule="energy"`` and no ratio is given.
         omega: EVBMF weakening factor when ``rank_rule="evbmf"`` and no ratio is given (1 = plain EVBMF).
         round_to: Ranks are rounded to a multiple of this (8 suits FP16 tensor cores and AVX-512).
@@ -94,22 +96,27 @@ class LowRankConfig:
     min_share: float = 0.005
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
+    @property
+    def conv_method(self) -> str:
+        """The factorization given to k×k convs."""
+        return self.method
+
     def __post_init__(self) -> None:
-        if self.method not in CONV_METHODS:
+        if self.conv_method not in CONV_METHODS:
             raise UserInputError(f"unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}")
         if self.ratio is not None and (not isinstance(self.ratio, (int, float)) or not self.ratio > 1.0):
             raise UserInputError(f"RATIO must be a number > 1 (parameter compression factor), got {self.ratio!r}")
-        if self.rank_rule not in ("uniform", "evbmf", "energy"):
-            raise UserInputError(f"unknown rank rule {self.rank_rule!r}; known: energy, evbmf, uniform")
-        if self.rank_rule == "uniform" and self.ratio is None:
-            raise UserInputError("rank rule 'uniform' needs a target RATIO")
+        if self.rank_rule not in RANK_RULES:
+            raise UserInputError(f"unknown rank rule {self.rank_rule!r}; known: {', '.join(sorted(RANK_RULES))}")
+        if self.rank_rule in ("uniform", "param-reduction") and self.ratio is None:
+            raise UserInputError(f"rank rule {self.rank_rule!r} needs a target RATIO")
         if not 0.0 < self.energy <= 1.0:
             raise UserInputError(f"energy must be in (0, 1], got {self.energy}")
         if not 0.0 <= self.min_share < 1.0:
             raise UserInputError(f"min_share must be in [0, 1), got {self.min_share}")
         if self.round_to < 1 or self.min_rank < 1:
             raise UserInputError("round_to and min_rank must be ≥ 1")
-        if self.method == "cp" and self.rank_rule != "uniform":
+        if self.conv_method == "cp" and self.rank_rule != "uniform":
             raise UserInputError("METHOD=cp supports only the 'uniform' rank rule")
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,7 +234,7 @@ def _plan_lowrank(
 ) -> Plan:
     geometry, order, total_macs = trace_geometry(model, example_input)
     stem = _find_stem(model, order, int(example_input.shape[1]))
-    conv_fact = factorization(config.method, hooi_iters=config.hooi_iters)
+    conv_fact = factorization(config.conv_method, hooi_iters=config.hooi_iters)
     pointwise, linear = factorization("pointwise-svd"), factorization("linear-svd")
     total_params = count_params(model)
 
@@ -262,7 +269,8 @@ def _plan_lowrank(
     if isinstance(rule, EVBMFRule) and candidates and not rule.has_structure(candidates):
         warnings.append(
             "EVBMF found no structure above the noise level in any layer (random or untrained weights?): "
-            "fell back to the uniform rank rule for the target ratio"
+            "fell back to the uniform rank rule for the target ratio (train first: DATA=fashion-mnist TRAIN_EPOCHS=…, "
+            "or pass trained WEIGHTS=…)"
         )
         if ratio is None:
             raise CompressionError(
@@ -474,3 +482,6 @@ def compress_(
     plan.totals["params_after_measured"] = count_params(model)
     plan.totals["macs_after_measured"] = count_macs(model, example_input)
     return plan
+
+
+from compress import vbmf_tucker as _vbmf_tucker  # noqa: E402,F401  (registers vbmf-tucker2)

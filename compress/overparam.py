@@ -186,6 +186,11 @@ def collapse_(model: nn.Module) -> list[str]:
     return [p for p, _ in found]
 
 
+def _inside_chain(model: nn.Module, module: nn.Module) -> bool:
+    chains = [m for m in model.modules() if isinstance(m, (ExpandedConv2d, ExpandedLinear))]
+    return any(module is sub for chain in chains for sub in chain.modules())
+
+
 # ------------------------------------------------------------------------------------------ regularizers
 def soft_orthogonality(m: torch.Tensor) -> torch.Tensor:
     """``‖M Mᵀ − I‖²_F`` for a wide ``M`` (rows orthonormal), ``‖Mᵀ M − I‖²_F`` for a tall one."""
@@ -224,6 +229,7 @@ class OrthogonalityRegularizer:
     kind: str = "so"
     milestones: tuple[float, ...] = (0.5, 0.75)
     off_after: float = 0.9
+    scope: str = "auto"
     name: str = "ortho"
 
     def __post_init__(self) -> None:
@@ -231,6 +237,8 @@ class OrthogonalityRegularizer:
             raise UserInputError(f"unknown orthogonality regularizer {self.kind!r}; use so or srip")
         if self.weight < 0:
             raise UserInputError(f"orthogonality weight must be ≥ 0, got {self.weight}")
+        if self.scope not in ("auto", "expanded", "all"):
+            raise UserInputError(f"unknown orthogonality scope {self.scope!r}; use auto, expanded or all")
         self._vectors: dict[int, torch.Tensor] = {}
 
     def weight_at(self, progress: float) -> float:
@@ -239,19 +247,33 @@ class OrthogonalityRegularizer:
             return 0.0
         return self.weight * 0.1 ** sum(progress >= m for m in self.milestones)
 
+    def matrices(self, model: nn.Module) -> list[tuple[int, torch.Tensor]]:
+        """``(key, M)`` for every regularized matrix.
+
+        The factors of each expanded chain; or — with ``scope="auto"`` in a model without chains, or
+        ``scope="all"`` — every conv/linear weight as ``weight.reshape(out, -1)`` (Bansal et al.'s
+        placement; the ablation "orthogonality, no expansion").
+        """
+        out: list[tuple[int, torch.Tensor]] = []
+        if self.scope in ("auto", "expanded"):
+            for module in model.modules():
+                if isinstance(module, (ExpandedConv2d, ExpandedLinear)):
+                    out.extend((id(module) * 4 + i, m) for i, m in enumerate(module.factor_matrices()))
+        if self.scope == "all" or (self.scope == "auto" and not out):
+            for module in model.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)) and not _inside_chain(model, module):
+                    out.append((id(module) * 4, module.weight.reshape(module.weight.shape[0], -1)))
+        return out
+
     def penalty(self, model: nn.Module) -> torch.Tensor:
-        """Unweighted ``Σ_l R(M_l)`` (0 when the model has no expanded chains)."""
+        """Unweighted ``Σ_l R(M_l)`` (0 when the model has nothing to regularize)."""
         total = None
-        for module in model.modules():
-            if not isinstance(module, (ExpandedConv2d, ExpandedLinear)):
-                continue
-            for i, m in enumerate(module.factor_matrices()):
-                if self.kind == "so":
-                    value = soft_orthogonality(m)
-                else:
-                    key = id(module) * 4 + i
-                    value, self._vectors[key] = srip(m, self._vectors.get(key))
-                total = value if total is None else total + value
+        for key, m in self.matrices(model):
+            if self.kind == "so":
+                value = soft_orthogonality(m)
+            else:
+                value, self._vectors[key] = srip(m, self._vectors.get(key))
+            total = value if total is None else total + value
         if total is None:
             param = next(model.parameters(), None)
             return torch.zeros((), device=None if param is None else param.device)

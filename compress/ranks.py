@@ -142,6 +142,33 @@ class UniformRule(RankRule):
 
 
 @_register
+class ParamReductionRule(UniformRule):
+    """MUSCO's direct rule for a layer ratio ρ (``estimate_rank_for_compression_rate``, spec §3.2–§3.3).
+
+    Tucker-2: with aspect ``β = max(0.8·T/S, 1)`` solve ``kh·kw·β·R² + (S + β·T)·R − kh·kw·S·T/ρ = 0``,
+    ``R_S = R``, ``R_T = β·R_S`` (MUSCO floors; here the caller rounds to the rank multiple). Other
+    factorizations: ``R = params_dense / (params_at_rank_1 · ρ)``. The knob is ρ, as for ``uniform``.
+    """
+
+    name = "param-reduction"
+    knob_name = "layer_ratio"
+
+    def continuous_ranks(self, candidate: Candidate, knob: float) -> tuple[float, ...]:
+        module, fact = candidate.module, candidate.factorization
+        full = candidate.max_ranks
+        if fact.name == "tucker2":
+            t, s, kh, kw = module.weight.shape
+            beta = max(0.8 * t / s, 1.0)
+            a, b, c = kh * kw * beta, s + beta * t, -kh * kw * s * t / knob
+            r_s = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
+            return (min(beta * r_s, full[0]), min(r_s, full[1]))
+        if len(full) == 1:
+            per_rank = fact.weight_params(module, (1,))
+            return (min(module.weight.numel() / (per_rank * knob), full[0]),)
+        return super().continuous_ranks(candidate, knob)
+
+
+@_register
 class EnergyRule(RankRule):
     """The smallest rank keeping a fraction ``e`` of Σσ²; the knob is ``1 − e``."""
 

@@ -250,20 +250,28 @@ def finetune_run(
         "train_samples": len(data.train),
     }
     teacher = copy.deepcopy(run.dense) if kd else None
+    stages = int(run.plan.config.get("stages", 1) or 1)
     t0 = time.perf_counter()
-    result = train_model(
-        run.compressed,
-        data,
-        config,
-        folder / FINETUNE_DIR,
-        meta=meta,
-        teacher=teacher,
-        device=device,
-        resume=True,
-        progress=progress,
-    )
+    stage_records: list[dict[str, Any]] = []
+    if stages > 1:
+        model, result, stage_records = _finetune_in_stages(
+            run.dense, run.plan, stages, data, config, folder, meta, teacher, device, progress
+        )
+    else:
+        model = run.compressed
+        result = train_model(
+            model,
+            data,
+            config,
+            folder / FINETUNE_DIR,
+            meta=meta,
+            teacher=teacher,
+            device=device,
+            resume=True,
+            progress=progress,
+        )
     wall = time.perf_counter() - t0
-    compressed = _unwrap(run.compressed).cpu().eval()
+    compressed = _unwrap(model).cpu().eval()
     accuracy["finetuned"] = (
         result.final.to_dict()
         if result.final is not None
@@ -277,6 +285,8 @@ def finetune_run(
         "kd": kd,
         "config": config.to_dict(),
     }
+    if stage_records:
+        accuracy["finetune"]["stages"] = stage_records
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         if not raw_path.is_file():
             with atomic_path(raw_path) as tmp:
@@ -286,6 +296,71 @@ def finetune_run(
         info["accuracy"] = accuracy
         atomic_write_json(folder / INFO_FILE, info)
     return accuracy
+
+
+def _finetune_in_stages(
+    dense: nn.Module,
+    plan: Any,
+    stages: int,
+    data: Dataset,
+    config: TrainConfig,
+    folder: Path,
+    meta: dict[str, Any],
+    teacher: nn.Module | None,
+    device: str,
+    progress: bool | None,
+) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
+    """MUSCO-style multi-stage compression: factorize one group of layers, fine-tune, continue.
+
+    The plan's factorized layers are split into ``stages`` contiguous groups (module order). Stage k
+    decomposes group k from the *current* (already fine-tuned) weights with the planned ranks, then
+    fine-tunes for an equal share of the one-shot run's optimizer steps, so the total budget equals
+    one-shot fine-tuning with ``config``. Each stage trains in its own resumable folder.
+    """
+    import math
+
+    from compress.api import apply_plan_
+    from compress.plan import KEEP, Plan
+
+    entries = plan.factorized_layers
+    size = math.ceil(len(entries) / stages)
+    groups = [entries[i : i + size] for i in range(0, len(entries), size)]
+    steps_per_epoch = len(data.train) // config.batch_size or 1
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    share = max(1, total_steps // len(groups))
+    model = copy.deepcopy(dense)
+    records: list[dict[str, Any]] = []
+    result = None
+    for k, group in enumerate(groups, start=1):
+        chosen = {e.path for e in group}
+        sub = Plan.from_dict(plan.to_dict())
+        for entry in sub.layers:
+            if entry.path not in chosen:
+                entry.action, entry.ranks = KEEP, None
+        apply_plan_(model, sub)
+        stage_config = TrainConfig.from_dict({**config.to_dict(), "max_steps": share})
+        raw = evaluate_model(model, data, config, device)
+        result = train_model(
+            model,
+            data,
+            stage_config,
+            folder / f"{FINETUNE_DIR}-stage{k}",
+            meta={**meta, "stage": k, "stage_layers": sorted(chosen)},
+            teacher=teacher,
+            device=device,
+            resume=True,
+            progress=progress,
+        )
+        model = _unwrap(model)
+        after = (
+            result.final.to_dict()
+            if result.final is not None
+            else evaluate_model(model, data, config, device).to_dict()
+        )
+        records.append(
+            {"stage": k, "layers": len(group), "steps": result.steps, "raw": raw.to_dict(), "finetuned": after}
+        )
+    return model, result, records
 
 
 def read_train_summary(folder: str | os.PathLike[str]) -> dict[str, Any]:
