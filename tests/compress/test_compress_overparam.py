@@ -138,7 +138,12 @@ def test_regularizer_schedule_and_gradients():
     assert float(value.detach()) > 0
     assert model[0].core.weight.grad is not None
     assert float(model[0].core.weight.grad.abs().sum()) > 0
-    assert float(reg(nn.Sequential(nn.Conv2d(3, 3, 3)), 0.0)) == 0.0  # nothing expanded, nothing to add
+    plain = nn.Sequential(nn.Conv2d(3, 3, 3))
+    # scope="expanded": nothing expanded, nothing to add; scope="auto" falls back to the plain weights
+    assert float(OrthogonalityRegularizer(weight=1e-2, scope="expanded")(plain, 0.0).detach()) == 0.0
+    w = plain[0].weight.detach().reshape(3, -1)
+    expected = 1e-2 * float(((w @ w.T - torch.eye(3)) ** 2).sum())
+    assert float(reg(plain, 0.0).detach()) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(UserInputError, match="unknown orthogonality"):
         OrthogonalityRegularizer(kind="l1")
 
