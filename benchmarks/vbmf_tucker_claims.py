@@ -67,8 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=Path("artifacts/bench"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/vbmf_tucker_claims.json"))
+    p.add_argument("--render", type=Path, default=None, help="only print the Markdown tables of a result file")
     args = p.parse_args(argv)
+    if args.render is not None:
+        import json
+
+        print(render_markdown(json.loads(args.render.read_text())))
+        return 0
 
     arms = {
         name: DenseTraining(
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 ratio_achieved=dense_rows[arm]["params"] / record["params"],
                 mac_ratio=dense_rows[arm]["macs"] / record["macs"],
                 knob=plan.target["knob"],
+                rule_used=plan.target["rank_rule"],
                 ranks={e.path: e.ranks for e in plan.factorized_layers},
                 evbmf_ranks={e.path: e.info.get("evbmf_ranks") for e in plan.factorized_layers},
                 warnings=plan.warnings,
@@ -191,8 +198,50 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - t_start,
     }
     atomic_write_json(args.out, result)
-    print(f"wrote {args.out}", file=sys.stderr)
+    args.out.with_suffix(".md").write_text(render_markdown(result))
+    print(render_markdown(result), file=sys.stderr)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
     return 0
+
+
+def _pct(acc: dict[str, Any] | None) -> str:
+    return "—" if not acc else f"{100 * acc['top1']:.2f} %"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The README tables of a result file (also: ``python benchmarks/vbmf_tucker_claims.py --render FILE``)."""
+    lines = [
+        "| dense arm | training | top-1 (95 % CI) | EVBMF at ω = 1: params ratio, Σ ranks |",
+        "|---|---|---:|---:|",
+    ]
+    for name, row in result["dense"].items():
+        acc, ev = row["accuracy"], row["plain_evbmf"]
+        ci = f"({100 * acc['ci95'][0]:.1f}–{100 * acc['ci95'][1]:.1f})"
+        evs = "no structure" if ev["ratio"] is None else f"×{ev['ratio']:.2f}, {ev['rank_sum']}"
+        wall = row["training"]["wall_s"]
+        lines.append(f"| {name} | {row['training']['steps']} steps, {wall:.0f} s | {_pct(acc)} {ci} | {evs} |")
+    lines += [
+        "",
+        "| arm / ranks | target | params (ratio) | MACs (ratio) | raw | fine-tuned (95 % CI) | ORT speedup (95 % CI) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        ft = row["finetuned"]
+        ci = f"({100 * ft['ci95'][0]:.1f}–{100 * ft['ci95'][1]:.1f})"
+        ort = row.get("ort") or {}
+        sp = "—"
+        if "speedup_p50" in ort:
+            lo, hi = ort["speedup_ci95"]
+            sp = f"{ort['speedup_p50']:.2f}× ({lo:.2f}–{hi:.2f})"
+        rule = row["rank_rule"]
+        if row.get("rule_used", rule) != rule or any("fell back" in w for w in row.get("warnings", [])):
+            rule += " → uniform (fallback: too little EVBMF structure for this ratio)"
+        lines.append(
+            f"| {row['arm']} / {rule} | ×{row['ratio_target']:g} | {row['params'] / 1e6:.3f} M "
+            f"(×{row['ratio_achieved']:.2f}) | {row['macs'] / 1e6:.1f} M (×{row['mac_ratio']:.2f}) | "
+            f"{_pct(row['raw'])} | **{_pct(ft)}** {ci} | {sp} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _plain_evbmf(model: torch.nn.Module, example: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:

@@ -282,15 +282,35 @@ def _plan_lowrank(
             f"nothing to compress in {model_name}: every Conv2d/Linear is excluded by rule (see the plan reasons)"
         )
     knob = 1.0 - config.energy if rule.name == "energy" else config.omega
-    selection = select_ranks(
-        candidates,
-        rule,
-        total_params=total_params,
-        ratio=ratio,
-        knob=knob,
-        round_to=config.round_to,
-        min_rank=config.min_rank,
-    )
+
+    def select(rule: Any) -> Any:
+        return select_ranks(
+            candidates,
+            rule,
+            total_params=total_params,
+            ratio=ratio,
+            knob=knob,
+            round_to=config.round_to,
+            min_rank=config.min_rank,
+        )
+
+    try:
+        selection = select(rule)
+    except CompressionError as exc:
+        if not isinstance(rule, EVBMFRule):
+            raise
+        # EVBMF keeps a layer whose spectrum is all noise (rank 0) at full rank (§2.1), so when too few
+        # layers show structure the ratio is out of the ω knob's reach: fall back to the ratio knob.
+        n_flat = sum(1 for c in candidates if not any(v > 0 for v in rule.vbmf_ranks(c)))
+        warnings.append(
+            f"EVBMF cannot reach ratio {ratio:g}: {n_flat} of {len(candidates)} layers show no structure above the "
+            f"noise level and stay at full rank ({exc}); fell back to the uniform rank rule for the target ratio "
+            "(train longer, or lower RATIO)"
+        )
+        evbmf, rule = rule, rank_rule("uniform")
+        selection = select(rule)
+        for cand in candidates:  # keep the raw EVBMF ranks in the plan all the same
+            selection.info.setdefault(cand.path, {})["evbmf_ranks"] = list(evbmf.vbmf_ranks(cand))
     warnings.extend(selection.warnings)
     for cand in candidates:
         ranks = selection.ranks[cand.path]

@@ -125,3 +125,38 @@ def test_make_train_export_finetune_with_data(tmp_path: Path) -> None:
     make("finetune", "FINETUNE_EPOCHS=1", "TRAIN_ARGS=--max-steps 3 --restart --train-samples 1024")
     info = json.loads((run_dir / "compress.json").read_text())
     assert info["accuracy"]["finetune"]["steps"] == 3
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+@pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST is not installed (make data installs the Debian package dataset-fashion-mnist)",
+)
+def test_make_export_vbmf_tucker2_trains_compresses_and_finetunes_in_one_command(tmp_path: Path) -> None:
+    """Issue 4: expand → orthogonal training → collapse → EVBMF Tucker-2 → fine-tune → ONNX → latency."""
+    venv = Path(sys.executable).resolve().parents[1]
+    out = tmp_path / "artifacts"
+    model = "cifar_resnet20_w0.5"
+    cmd = [
+        "make", "export", f"MODEL={model}", "METHOD=vbmf-tucker2", "DATA=fashion-mnist", "TRAIN_EPOCHS=1",
+        "FINETUNE_EPOCHS=1", "EXPANSION=2", "STAGES=2", "EVAL_SAMPLES=200", "RATIO=2", "ROUND_TO=2", "DURATION=1",
+        "THREADS=1", f"OUT={out}", f"VENV={venv}", "COMPRESS_ARGS=--min-rank 2 --train-samples 512 --hooi-iters 3",
+    ]  # fmt: skip
+    env = {**os.environ, "MAKEFLAGS": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = out / model / "vbmf-tucker2"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["method"] == "vbmf-tucker2"
+    assert report["parity"]["max_abs"] < 1e-3
+    assert report["accuracy"]["n"] == 200
+    info = json.loads((run_dir / "compress.json").read_text())
+    assert len(info["accuracy"]["finetune"]["stages"]) == 2
+    training = info["dense_training"]
+    assert training["dir"].endswith("train-fashion-mnist-x2-so1e-04")
+    record = training["overparameterized"]
+    assert record["recipe"] == {"expansion": 2, "orthogonality": "so", "orth_weight": 1e-4, "expand_linear": False}
+    assert record["accuracy_collapsed"]["top1"] == record["accuracy_expanded"]["top1"]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["config"]["hooi_iters"] == 3
+    assert abs(plan["target"]["achieved_ratio"] / 2 - 1) <= 0.03
