@@ -95,6 +95,10 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     )
     v.add_argument("--orth-weight", type=float, default=None, help="λ_orth at the start of training (default 1e-4)")
     v.add_argument("--stages", type=_positive_int, default=None, help="MUSCO multi-stage fine-tuning in N groups")
+    j = p.add_argument_group("joint SVD (ljsvd | rjsvd1 | rjsvd2 | bijsvd | jsvd-tai)")
+    j.add_argument("--rho", type=float, default=None, help="anchor rank rate ρ of the paper instead of --ratio (0.04)")
+    j.add_argument("--bi-p", type=float, default=None, help="bijsvd: left proportion p = r_l/(r_l+r_r) (default 0.5)")
+    j.add_argument("--bi-iters", type=_positive_int, default=None, help="bijsvd: alternating iterations K (default 30)")
 
 
 def _nonneg_int(text: str) -> int:
@@ -270,8 +274,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> Any:
     from compress.api import method_config
 
-    ratio = None if args.no_ratio else (args.ratio if args.ratio is not None else 4.0)
-    rank_rule = args.rank_rule or ("evbmf" if ratio is None else None)
+    rho = getattr(args, "rho", None)  # joint SVD: ρ replaces the default ratio
+    ratio = None if args.no_ratio or (rho is not None and args.ratio is None) else (args.ratio or 4.0)
+    rank_rule = args.rank_rule or ("evbmf" if ratio is None and rho is None else None)
     round_to = cpu_rank_multiple() if args.round_to == "auto" else args.round_to
     return method_config(
         args.method,
@@ -287,6 +292,9 @@ def _config(args: argparse.Namespace) -> Any:
         orthogonality=args.orthogonality,
         orth_weight=args.orth_weight,
         stages=args.stages,
+        rho=rho,
+        bi_p=args.bi_p,
+        bi_iters=args.bi_iters,
     )
 
 
