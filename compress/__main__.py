@@ -94,6 +94,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         "--orthogonality", default=None, help="so (default) | srip | none: regularizer of the training stage"
     )
     v.add_argument("--orth-weight", type=float, default=None, help="λ_orth at the start of training (default 1e-4)")
+    ls = p.add_argument_group("lrsd (low-rank + sparse, fitted to layer responses on calibration data)")
+    ls.add_argument("--s-step", default=None, help="grasp (default) | hard: the sparse-part update")
+    ls.add_argument("--structured", default=None, help="none (default) | 2:4: NVIDIA 2:4 pattern for the sparse part")
+    ls.add_argument("--lrsd-mode", dest="mode", default=None, help="asymmetric (default) | symmetric calibration")
+    ls.add_argument("--calibration-samples", type=_positive_int, default=None, help="calibration images (default 256)")
+    ls.add_argument("--split", default=None, help="search (default) | fixed: rank/cardinality split per layer")
     v.add_argument("--stages", type=_positive_int, default=None, help="MUSCO multi-stage fine-tuning in N groups")
     j = p.add_argument_group("joint SVD (ljsvd | rjsvd1 | rjsvd2 | bijsvd | jsvd-tai)")
     j.add_argument("--rho", type=float, default=None, help="anchor rank rate ρ of the paper instead of --ratio (0.04)")
@@ -295,6 +301,11 @@ def _config(args: argparse.Namespace) -> Any:
         rho=rho,
         bi_p=args.bi_p,
         bi_iters=args.bi_iters,
+        s_step=args.s_step,
+        structured=args.structured,
+        mode=args.mode,
+        calibration_samples=args.calibration_samples,
+        split=args.split,
     )
 
 
@@ -412,14 +423,18 @@ def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     dense = loaded.model
     compressed = copy.deepcopy(dense)
     t0 = time.perf_counter()
-    if plan_path is None:
-        plan = plan_compression(dense, config, example, model_name=loaded.name)
+    plan = None if plan_path is None else Plan.load(plan_path)
+    method = config.method if plan is None else plan.method
+    if method == "lrsd":  # the solve needs calibration statistics: plan, calibrate and apply in one call
+        plan = _lrsd(args, compressed, config, example, loaded.name, dataset, plan)
+        t_plan, t_apply = time.perf_counter() - t0, 0.0
     else:
-        plan = Plan.load(plan_path)
-    t_plan = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    apply_plan_(compressed, plan)
-    t_apply = time.perf_counter() - t0
+        if plan is None:
+            plan = plan_compression(dense, config, example, model_name=loaded.name)
+        t_plan = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        apply_plan_(compressed, plan)
+        t_apply = time.perf_counter() - t0
     compressed.eval()
 
     dense_params, comp_params = count_params(dense), count_params(compressed)
@@ -453,6 +468,20 @@ def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
         "wall_s": {"load": t_load, "plan": t_plan, "apply": t_apply, "compress": t_plan + t_apply},
         "warnings": plan.warnings,
     }
+    if "params_after_with_index" in plan.totals:  # sparse parts: what each storage convention costs
+        totals = plan.totals
+        info["sparse_storage"] = {
+            "params_values": totals["params_after"],
+            "params_with_index": totals["params_after_with_index"],
+            "params_dense_storage": totals["params_after_dense_storage"],
+            "ratio_values": dense_params / totals["params_after"],
+            "ratio_with_index": dense_params / totals["params_after_with_index"],
+            "macs_executed": totals["macs_after"],
+            "macs_sparse_kernel": totals.get("macs_after_sparse_kernel"),
+            "macs_2to4": totals.get("macs_after_2to4"),
+            "note": "the exported graph runs the sparse branch as a dense conv with zeros: its MACs and "
+            "(without sparse initializers) its stored size are those of a dense layer",
+        }
     if trained is not None:
         info["dense_training"] = trained
     if dataset is not None:
@@ -474,6 +503,30 @@ def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
         accuracy = finetune_run(args.run_dir, dataset, config, device=args.device, kd=args.kd)
         print(_accuracy_line(accuracy))
     return 0
+
+
+def _lrsd(
+    args: argparse.Namespace, model: Any, config: Any, example: Any, name: str, dataset: Any, plan: Any
+) -> Any:
+    """LRSD: calibration batches from the training split (or the weight-only fallback), then solve in place."""
+    import torch
+
+    from compress.lowrank_sparse import LowRankSparseConfig, calibration_batches, lrsd_compress_
+
+    if plan is not None:
+        config = LowRankSparseConfig.from_dict(plan.config)
+    batches = None
+    if dataset is not None:
+        batches = calibration_batches(dataset.train, config.calibration_samples, 64, seed=args.seed)
+        print(f"lrsd: calibrating on {config.calibration_samples} seeded training images of {dataset.info.name}")
+    # The solver is thousands of small float64 products: one thread is faster than several (and much
+    # faster on a shared machine, where idle OpenMP workers spin); restore the setting afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return lrsd_compress_(model, config, example, batches, model_name=name, plan=plan)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _accuracy_before_finetune(args: argparse.Namespace, dataset: Any, dense: Any, compressed: Any) -> dict[str, Any]:
@@ -512,6 +565,14 @@ def _summary(plan: Any, info: dict[str, Any]) -> str:
         f"agreement on 8 random inputs: rel L2 {info['agreement']['rel_l2']:.3g}, "
         f"top-1 agreement {info['agreement']['top1_agreement']:.2f}",
     ]
+    sparse = info.get("sparse_storage")
+    if sparse:
+        lines.append(
+            f"low-rank + sparse storage: values ×{sparse['ratio_values']:.2f}, values + indices "
+            f"×{sparse['ratio_with_index']:.2f}; the exported graph stores and runs the sparse branch dense "
+            f"(params ×{info['ratios']['params']:.2f}, MACs ×{info['ratios']['macs']:.2f}); a sparse kernel would run "
+            f"{(sparse['macs_sparse_kernel'] or 0) / 1e6:.1f}M MACs"
+        )
     lines += [f"WARNING: {w}" for w in plan.warnings]
     return "\n".join(lines)
 

@@ -505,4 +505,5 @@ def compress_(
 
 
 from compress import joint_svd as _joint_svd  # noqa: E402,F401  (registers ljsvd/rjsvd1/rjsvd2/bijsvd)
+from compress import lowrank_sparse as _lowrank_sparse  # noqa: E402,F401  (registers lrsd)
 from compress import vbmf_tucker as _vbmf_tucker  # noqa: E402,F401  (registers vbmf-tucker2)
