@@ -505,9 +505,7 @@ def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     return 0
 
 
-def _lrsd(
-    args: argparse.Namespace, model: Any, config: Any, example: Any, name: str, dataset: Any, plan: Any
-) -> Any:
+def _lrsd(args: argparse.Namespace, model: Any, config: Any, example: Any, name: str, dataset: Any, plan: Any) -> Any:
     """LRSD: calibration batches from the training split (or the weight-only fallback), then solve in place."""
     import torch
 
