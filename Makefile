@@ -1,5 +1,5 @@
 # lowrank-deploy: compress → export → runtime, chained.
-#   make export MODEL=resnet34 [METHOD=tucker2] [RATIO=4] [WEIGHTS=auto] [BATCH=1] [OUT=artifacts]
+#   make export MODEL=resnet34 [METHOD=tucker2] [RATIO=4 | FLOPS=0.5] [WEIGHTS=auto] [BATCH=1] [OUT=artifacts]
 #   make train MODEL=cifar_resnet18_w0.25 DATA=fashion-mnist EPOCHS=3
 #   make test
 # Both create .venv and install the project when it is missing or older than pyproject.toml.
@@ -15,7 +15,10 @@ STAMP    := $(VENV)/.installed
 
 MODEL    ?= resnet34
 METHOD   ?= tucker2
-RATIO    ?= 4
+# RATIO = parameter compression factor of the whole model (the CLI's default is 4); FLOPS = fraction of the
+# model's FLOPs to remove instead (0.5 = half). Give one of them; every method takes either.
+RATIO    ?=
+FLOPS    ?=
 WEIGHTS  ?= auto
 BATCH    ?= 1
 OUT      ?= artifacts
@@ -58,6 +61,7 @@ _FACTORY  := $(findstring :,$(MODEL))
 _MODEL_NAME := $(if $(_FACTORY),$(basename $(notdir $(firstword $(subst :, ,$(MODEL))))).$(lastword $(subst :, ,$(MODEL))),$(MODEL))
 RUN_DIR  := $(OUT)/$(_MODEL_NAME)/$(METHOD)
 
+_OPT_TARGET := $(if $(RATIO),--ratio '$(RATIO)',) $(if $(FLOPS),--flops '$(FLOPS)',)
 _OPT_ROUND  := $(if $(ROUND_TO),--round-to $(ROUND_TO),)
 _OPT_RULE   := $(if $(RANK_RULE),--rank-rule $(RANK_RULE),)
 _OPT_THREADS := $(if $(THREADS),--threads $(THREADS),)
@@ -74,7 +78,8 @@ _LAUNCH     := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone -
 .PHONY: help venv data export train finetune engine test test-all lint bench clean
 
 help:
-	@echo "make export MODEL=resnet34 [METHOD=tucker2|svd|tai|cp|vbmf-tucker2] [RATIO=4] [WEIGHTS=auto|imagenet|random|path]"
+	@echo "make export MODEL=resnet34 [METHOD=tucker2|svd|tai|cp|vbmf-tucker2|ljsvd|rjsvd1|rjsvd2|bijsvd|lrsd|cc]"
+	@echo "            [RATIO=4 (params factor) | FLOPS=0.5 (fraction of FLOPs removed)] [WEIGHTS=auto|imagenet|random|path]"
 	@echo "            [BATCH=1] [OUT=artifacts] [BACKEND=ort|torch] [DURATION=10] [ROUND_TO=8]"
 	@echo "            [RANK_RULE=uniform|param-reduction|evbmf|energy] [EXPANSION=4 ORTHO=so|srip|none STAGES=1 (vbmf-tucker2)]"
 	@echo "            [DATA=fashion-mnist|folder] [TRAIN_EPOCHS=0] [FINETUNE_EPOCHS=0] [EVAL_SAMPLES=N]"
@@ -102,7 +107,7 @@ data:
 	|| { echo "error: could not install the Debian package $(FASHION_MNIST_PKG) with apt-get; install it by hand (or set DATA=<folder>)" >&2; exit 1; }
 
 export: $(STAMP) $(_DATA_DEP)
-	$(PY) -m compress run --model '$(MODEL)' --method '$(METHOD)' --ratio '$(RATIO)' --weights '$(WEIGHTS)' \
+	$(PY) -m compress run --model '$(MODEL)' --method '$(METHOD)' $(_OPT_TARGET) --weights '$(WEIGHTS)' \
 		--batch '$(BATCH)' --run-dir '$(RUN_DIR)' $(_OPT_ROUND) $(_OPT_RULE) $(_OPT_METHOD) $(_OPT_DATA) $(COMPRESS_ARGS)
 	$(PY) -m export onnx --run-dir '$(RUN_DIR)' --batch '$(BATCH)'
 	$(PY) -m runtime bench --run-dir '$(RUN_DIR)' --backend '$(BACKEND)' --batch '$(BATCH)' --duration '$(DURATION)' $(_OPT_THREADS)

@@ -38,6 +38,18 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _flops(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"FLOPS must be a fraction in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"FLOPS must be the fraction of FLOPs to remove, in (0, 1) (0.5 = half the FLOPs), got {text!r}"
+        )
+    return value
+
+
 def _round_to(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
@@ -72,6 +84,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         "--method", default="tucker2", help="tucker2 | svd | tai | cp | vbmf-tucker2 | … (README lists every method)"
     )
     g.add_argument("--ratio", type=_ratio, default=None, help="whole-model parameter compression factor (default 4)")
+    g.add_argument(
+        "--flops",
+        type=_flops,
+        default=None,
+        help="instead of --ratio: fraction of the whole model's FLOPs (MACs) to remove, e.g. 0.5 = half",
+    )
     g.add_argument("--rank-rule", default=None, help="uniform (default) | param-reduction | evbmf | energy")
     g.add_argument("--energy", type=float, default=None, help="retained energy for --rank-rule energy without --ratio")
     g.add_argument("--omega", type=float, default=None, help="EVBMF weakening factor without --ratio (1 = plain EVBMF)")
@@ -281,8 +299,13 @@ def _config(args: argparse.Namespace) -> Any:
     from compress.api import method_config
 
     rho = getattr(args, "rho", None)  # joint SVD: ρ replaces the default ratio
-    ratio = None if args.no_ratio or (rho is not None and args.ratio is None) else (args.ratio or 4.0)
-    rank_rule = args.rank_rule or ("evbmf" if ratio is None and rho is None else None)
+    flops = getattr(args, "flops", None)  # a FLOPs target replaces the default ratio for every method
+    controls = [name for name, v in (("--ratio", args.ratio), ("--flops", flops), ("--rho", rho)) if v is not None]
+    if len(controls) > 1:
+        raise UserInputError(f"give one target, not {' and '.join(controls)} (RATIO=, FLOPS= or --rho)")
+    default_ratio = rho is None and flops is None
+    ratio = None if args.no_ratio or not default_ratio else (args.ratio or 4.0)
+    rank_rule = args.rank_rule or ("evbmf" if ratio is None and default_ratio else None)
     round_to = cpu_rank_multiple() if args.round_to == "auto" else args.round_to
     return method_config(
         args.method,
@@ -299,6 +322,7 @@ def _config(args: argparse.Namespace) -> Any:
         orth_weight=args.orth_weight,
         stages=args.stages,
         rho=rho,
+        flops=flops,
         bi_p=args.bi_p,
         bi_iters=args.bi_iters,
         s_step=args.s_step,
@@ -458,7 +482,11 @@ def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
         "config": plan.config,
         "dense": {"params": dense_params, "macs": dense_macs},
         "compressed": {"params": comp_params, "macs": comp_macs},
-        "ratios": {"params": dense_params / comp_params, "macs": dense_macs / comp_macs},
+        "ratios": {
+            "params": dense_params / comp_params,
+            "macs": dense_macs / comp_macs,
+            "flops_reduction": 1.0 - comp_macs / dense_macs,
+        },
         "target": plan.target,
         "layers": {
             "factorized": len(plan.factorized_layers),
@@ -557,7 +585,8 @@ def _summary(plan: Any, info: dict[str, Any]) -> str:
     lines = [
         f"{info['model']} / {info['method']}: params {info['dense']['params']:,} → {info['compressed']['params']:,} "
         f"(×{info['ratios']['params']:.2f}), MACs {info['dense']['macs'] / 1e9:.2f}G → "
-        f"{info['compressed']['macs'] / 1e9:.2f}G (×{info['ratios']['macs']:.2f}); "
+        f"{info['compressed']['macs'] / 1e9:.2f}G (×{info['ratios']['macs']:.2f}, "
+        f"{100 * info['ratios']['flops_reduction']:.1f}% fewer FLOPs); "
         f"{info['layers']['factorized']} layers factorized, {info['layers']['kept']} kept; "
         f"compression {info['wall_s']['compress']:.2f} s",
         f"agreement on 8 random inputs: rel L2 {info['agreement']['rel_l2']:.3g}, "

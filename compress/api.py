@@ -36,6 +36,7 @@ __all__ = [
     "LowRankConfig",
     "MethodConfig",
     "apply_plan_",
+    "check_flops",
     "compress_",
     "method_config",
     "plan_compression",
@@ -66,6 +67,8 @@ class LowRankConfig:
             1×1 convs and Linear layers get SVD under every method.
         ratio: Target parameter compression factor of the whole model (dense / compressed), > 1.
             ``None`` uses the rank rule's own knob (``energy`` or ``omega``).
+        flops: Instead of ``ratio``: the fraction of the whole model's FLOPs (MACs) to remove, in (0, 1)
+            (0.5 = half). When given it is the target and ``ratio`` is set to ``None``.
         rank_rule: ``uniform`` (every layer keeps the same parameter fraction), ``param-reduction`` (MUSCO's
             direct per-layer rule: Tucker-2 ranks from the quadratic budget with aspect β), ``evbmf``
             (weakened EVBMF) or ``energy``.
@@ -84,6 +87,7 @@ class LowRankConfig:
 
     method: str = "tucker2"
     ratio: float | None = 4.0
+    flops: float | None = None
     rank_rule: str = "uniform"
     energy: float = 0.9
     omega: float = 1.0
@@ -104,12 +108,15 @@ class LowRankConfig:
     def __post_init__(self) -> None:
         if self.conv_method not in CONV_METHODS:
             raise UserInputError(f"unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}")
+        if self.flops is not None:
+            check_flops(self.flops)
+            object.__setattr__(self, "ratio", None)  # the FLOPs target replaces the (default) ratio
         if self.ratio is not None and (not isinstance(self.ratio, (int, float)) or not self.ratio > 1.0):
             raise UserInputError(f"RATIO must be a number > 1 (parameter compression factor), got {self.ratio!r}")
         if self.rank_rule not in RANK_RULES:
             raise UserInputError(f"unknown rank rule {self.rank_rule!r}; known: {', '.join(sorted(RANK_RULES))}")
-        if self.rank_rule in ("uniform", "param-reduction") and self.ratio is None:
-            raise UserInputError(f"rank rule {self.rank_rule!r} needs a target RATIO")
+        if self.rank_rule in ("uniform", "param-reduction") and self.ratio is None and self.flops is None:
+            raise UserInputError(f"rank rule {self.rank_rule!r} needs a target RATIO or FLOPS")
         if not 0.0 < self.energy <= 1.0:
             raise UserInputError(f"energy must be in (0, 1], got {self.energy}")
         if not 0.0 <= self.min_share < 1.0:
@@ -127,6 +134,21 @@ class LowRankConfig:
 
 
 CONV_METHODS = {"tucker2": "tucker2", "svd": "svd", "tai": "tai", "cp": "cp"}
+
+
+def check_flops(flops: Any) -> float:
+    """Validate a FLOPs-reduction target (the fraction of the whole model's MACs to remove); return it."""
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < flops < 1.0:
+        raise UserInputError(
+            f"FLOPS must be the fraction of FLOPs to remove, in (0, 1) (0.5 = half the FLOPs), got {flops!r}"
+        )
+    return float(flops)
+
+
+def target_text(ratio: float | None, flops: float | None) -> str:
+    """``RATIO=4`` or ``FLOPS=0.5``: the target as the user wrote it, for messages."""
+    return f"FLOPS={flops:g}" if flops is not None else f"RATIO={ratio:g}"
+
 
 _C = TypeVar("_C")
 Planner = Callable[..., Plan]
@@ -272,9 +294,9 @@ def _plan_lowrank(
             "fell back to the uniform rank rule for the target ratio (train first: DATA=fashion-mnist TRAIN_EPOCHS=…, "
             "or pass trained WEIGHTS=…)"
         )
-        if ratio is None:
+        if ratio is None and config.flops is None:
             raise CompressionError(
-                "EVBMF found no structure in any layer and no RATIO was given to fall back on; pass RATIO=…"
+                "EVBMF found no structure in any layer and no RATIO was given to fall back on; pass RATIO=… or FLOPS=…"
             )
         rule = rank_rule("uniform")
     if not candidates:
@@ -292,6 +314,8 @@ def _plan_lowrank(
             knob=knob,
             round_to=config.round_to,
             min_rank=config.min_rank,
+            total_macs=total_macs,
+            flops=config.flops,
         )
 
     try:
@@ -303,9 +327,9 @@ def _plan_lowrank(
         # layers show structure the ratio is out of the ω knob's reach: fall back to the ratio knob.
         n_flat = sum(1 for c in candidates if not any(v > 0 for v in rule.vbmf_ranks(c)))
         warnings.append(
-            f"EVBMF cannot reach ratio {ratio:g}: {n_flat} of {len(candidates)} layers show no structure above the "
-            f"noise level and stay at full rank ({exc}); fell back to the uniform rank rule for the target ratio "
-            "(train longer, or lower RATIO)"
+            f"EVBMF cannot reach {target_text(ratio, config.flops)}: {n_flat} of {len(candidates)} layers show no "
+            f"structure above the noise level and stay at full rank ({exc}); fell back to the uniform rank rule for "
+            "the target (train longer, or lower the target)"
         )
         evbmf, rule = rule, rank_rule("uniform")
         selection = select(rule)
@@ -350,7 +374,9 @@ def _plan_lowrank(
         layers=layers,
         target={
             "ratio": ratio,
+            "flops": config.flops,
             "achieved_ratio": total_params / params_after,
+            "achieved_flops_reduction": 1.0 - macs_after / max(total_macs, 1),
             "rank_rule": rule.name,
             "knob": {rule.knob_name: selection.knob},
             "max_ratio": total_params / selection.min_params,

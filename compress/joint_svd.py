@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.api import FilterFn, register_applier, register_method, register_planner
+from compress.api import FilterFn, check_flops, register_applier, register_method, register_planner
 from compress.decompose import unfold_spatial
 from compress.errors import CompressionError, UserInputError
 from compress.lowrank import LayerGeometry, dense_macs, factorization
@@ -81,7 +81,8 @@ class JointSVDConfig:
     Attributes:
         method: ``ljsvd``, ``rjsvd1``, ``rjsvd2``, ``bijsvd`` or ``jsvd-tai`` (per-layer Tai baseline).
         ratio: Target whole-model parameter compression factor (dense / compressed), > 1; ρ is bisected to
-            hit it. Exactly one of ``ratio`` and ``rho`` is given.
+            hit it. Exactly one of ``ratio``, ``flops`` and ``rho`` is given.
+        flops: Target fraction of the whole model's FLOPs (MACs) to remove, in (0, 1); ρ is bisected to hit it.
         rho: The paper's anchor rank rate ``rank_rate_SVD`` (Tai rank = floor(ρ·O), floor(ρ·min(I, O)) for 1×1).
         bi_p: Bi-JSVD's left proportion p = r_l / (r_l + r_r) (a budget share for unequal 1×1 factors, A2).
         bi_iters: Bi-JSVD's block-alternating iterations K (30 in the paper).
@@ -95,6 +96,7 @@ class JointSVDConfig:
 
     method: str = "ljsvd"
     ratio: float | None = None
+    flops: float | None = None
     rho: float | None = None
     bi_p: float = 0.5
     bi_iters: int = 30
@@ -107,10 +109,14 @@ class JointSVDConfig:
     def __post_init__(self) -> None:
         if self.method not in JOINT_METHODS:
             raise UserInputError(f"unknown joint-SVD method {self.method!r}; known: {', '.join(sorted(JOINT_METHODS))}")
-        if (self.ratio is None) == (self.rho is None):
+        given = [n for n, v in (("RATIO", self.ratio), ("FLOPS", self.flops), ("--rho", self.rho)) if v is not None]
+        if len(given) != 1:
             raise UserInputError(
-                f"{self.method} needs exactly one of RATIO and --rho (got ratio={self.ratio}, rho={self.rho})"
+                f"{self.method} needs exactly one of RATIO, FLOPS and --rho "
+                f"(got ratio={self.ratio}, flops={self.flops}, rho={self.rho})"
             )
+        if self.flops is not None:
+            check_flops(self.flops)
         if self.ratio is not None and (not isinstance(self.ratio, (int, float)) or not self.ratio > 1.0):
             raise UserInputError(f"RATIO must be a number > 1 (parameter compression factor), got {self.ratio!r}")
         if self.rho is not None and not 0.0 < self.rho <= 1.0:
@@ -495,6 +501,7 @@ class _GroupSpec:
     shapes: list[tuple[int, ...]]
     dense: int  # weights + biases of the members
     biases: int
+    dense_macs: int
 
 
 @register_planner(JointSVDConfig)
@@ -544,6 +551,7 @@ def plan_joint_svd(
                 shapes=[tuple(int(v) for v in m.weight.shape) for m in mods],
                 dense=sum(int(m.weight.numel()) + _bias(m) for m in mods),
                 biases=sum(_bias(m) for m in mods),
+                dense_macs=sum(dense_macs(m, geometry[pth]) for pth, m in zip(g.members, mods, strict=True)),
             )
         )
     p = Fraction(str(config.bi_p))
@@ -561,9 +569,33 @@ def plan_joint_svd(
     def ratio_at(rho: Fraction) -> float:
         return (total_params - offset) / (params_after(rho) - offset)
 
+    def macs_cut_at(rho: Fraction) -> float:
+        saved = 0
+        for s in specs:
+            total = _rank_total(group_ranks(s.shapes, s.group.scheme, rho, p))
+            after = sum(
+                _pair_macs(shape, total, geometry[pth]) for shape, pth in zip(s.shapes, s.group.members, strict=True)
+            )
+            saved += s.dense_macs - after
+        return saved / max(total_macs, 1)
+
     warnings: list[str] = []
     if config.rho is not None:
         rho = Fraction(str(config.rho))
+    elif config.flops is not None:
+        # The FLOPs cut is a non-increasing step function of ρ: bisect on 1 / (1 − cut) like a ratio.
+        rho, miss = _bisect_rho(lambda r: 1.0 / max(1.0 - macs_cut_at(r), 1e-12), 1.0 / (1.0 - config.flops))
+        got = macs_cut_at(rho)
+        lo_cut = macs_cut_at(Fraction(1, 10**4))
+        if config.flops > lo_cut + 0.03 * (1.0 - config.flops):
+            raise CompressionError(
+                f"FLOPS={config.flops:g} is out of reach for {config.method} on {model_name} (at most "
+                f"{100 * lo_cut:.1f}% fewer FLOPs with the paper's layer selection); pick a smaller FLOPS"
+            )
+        if miss > config.tolerance:
+            warnings.append(
+                f"FLOPS={config.flops:g} reached only as {got:.3f} (rank floors make the cut a step function of ρ)"
+            )
     else:
         assert config.ratio is not None
         rho, miss = _bisect_rho(ratio_at, float(config.ratio))
@@ -623,6 +655,8 @@ def plan_joint_svd(
         layers=layers,
         target={
             "ratio": config.ratio,
+            "flops": config.flops,
+            "achieved_flops_reduction": 1.0 - macs_after / max(total_macs, 1),
             "rho": float(rho),
             "achieved_ratio": total_params / after,
             "cf_excluding_bn": (total_params - norms) / (after - norms),

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ from compress.api import (
     _keep_entry,
     _layer_params,
     _set_submodule,
+    check_flops,
     plan_compression,
     register_applier,
     register_method,
@@ -785,6 +786,10 @@ class LowRankSparseConfig:
         method: Always ``lrsd``.
         ratio: Target parameter compression of the whole model, dense / compressed, counting stored
             values (r(m+k) + c per layer, index not charged, as in the paper). > 1.
+        flops: Instead of ``ratio``: the fraction of the whole model's MACs to remove, counted as a sparse
+            kernel would execute them (r(m+k)·P + c·P per layer; with ``structured="2:4"`` the S branch at
+            half its dense cost). The exported ONNX graph runs S as a dense conv, so its own MACs do not
+            drop; the plan records both and warns. When given, ``ratio`` is set to ``None``.
         split: ``search`` (grid over r on the calibration objective, spec §1.5) or ``fixed`` (``rank_fraction``).
         rank_fraction: Share of the largest affordable rank given to L when ``split="fixed"`` (and the
             plan's starting split before the search).
@@ -817,6 +822,7 @@ class LowRankSparseConfig:
 
     method: str = METHOD
     ratio: float | None = 4.0
+    flops: float | None = None
     split: str = "search"
     rank_fraction: float = 0.5
     split_grid: int = 6
@@ -846,7 +852,10 @@ class LowRankSparseConfig:
     def __post_init__(self) -> None:
         if self.method != METHOD:
             raise UserInputError(f"LowRankSparseConfig is method 'lrsd', got {self.method!r}")
-        if self.ratio is None or not isinstance(self.ratio, (int, float)) or not self.ratio > 1.0:
+        if self.flops is not None:
+            check_flops(self.flops)
+            object.__setattr__(self, "ratio", None)  # the FLOPs target replaces the (default) ratio
+        elif self.ratio is None or not isinstance(self.ratio, (int, float)) or not self.ratio > 1.0:
             raise UserInputError(f"METHOD=lrsd needs RATIO > 1 (parameter compression factor), got {self.ratio!r}")
         choices = {
             "split": ("search", "fixed"),
@@ -1068,27 +1077,37 @@ def _plan_lrsd(
         raise CompressionError(f"nothing to compress in {model_name}: every Conv2d/Linear is excluded by rule")
     weights = {p: int(m.weight.numel()) for p, m in cands.items()}
     fixed = total_params - sum(weights.values())
-    ratios, summary = allocate_ratios(
-        weights, {p: isinstance(m, nn.Linear) for p, m in cands.items()}, fixed, total_params / config.ratio, config
-    )
+    is_fc = {p: isinstance(m, nn.Linear) for p, m in cands.items()}
+
+    def layer_entries(target_params: float) -> tuple[dict[str, LayerPlan], dict[str, Any]]:
+        ratios, summary = allocate_ratios(weights, is_fc, fixed, target_params, config)
+        out: dict[str, LayerPlan] = {}
+        for path, module in cands.items():
+            geom = geometry[path]
+            ratio = ratios[path]
+            m, k, _, _ = _matrix_dims(module)
+            budget = math.floor(m * k / ratio)
+            if ratio <= 1.0 or budget >= m * k:
+                out[path] = _keep_entry(path, module, geom, f"allocated ratio {ratio:.3g} ≤ 1: nothing to gain")
+                continue
+            rank, card = split_budget(
+                m,
+                k,
+                budget,
+                config.rank_fraction,
+                charge_index=config.charge_index,
+                max_card=_max_card(module, config.structured),
+            )
+            out[path] = _layer_entry(path, module, geom, rank, card, ratio, budget, config.structured)
+        return out, summary
+
     warnings: list[str] = []
-    for path, module in cands.items():
-        geom = geometry[path]
-        ratio = ratios[path]
-        m, k, _, _ = _matrix_dims(module)
-        budget = math.floor(m * k / ratio)
-        if ratio <= 1.0 or budget >= m * k:
-            entries[path] = _keep_entry(path, module, geom, f"allocated ratio {ratio:.3g} ≤ 1: nothing to gain")
-            continue
-        rank, card = split_budget(
-            m,
-            k,
-            budget,
-            config.rank_fraction,
-            charge_index=config.charge_index,
-            max_card=_max_card(module, config.structured),
-        )
-        entries[path] = _layer_entry(path, module, geom, rank, card, ratio, budget, config.structured)
+    if config.flops is None:
+        assert config.ratio is not None
+        chosen, summary = layer_entries(total_params / config.ratio)
+    else:
+        chosen, summary = _entries_for_flops(layer_entries, total_params, total_macs, config, warnings)
+    entries.update(chosen)
     layers = [entries[p] for p, m in model.named_modules() if p in entries]
     plan = Plan(
         model=model_name,
@@ -1096,11 +1115,63 @@ def _plan_lrsd(
         config=config.to_dict(),
         input_shape=list(example_input.shape),
         layers=layers,
-        target={"ratio": config.ratio, **summary},
+        target={"ratio": config.ratio, "flops": config.flops, **summary},
         warnings=warnings,
     )
     _retotal(plan, total_params, total_macs)
     return plan
+
+
+def _kernel_macs(entries: dict[str, LayerPlan], total_macs: int, structured: str) -> int:
+    """Whole-model MACs with every LRSD layer run by a sparse kernel (2:4 tensor cores if ``structured``)."""
+    key = "macs_2to4" if structured == "2:4" else "macs_sparse_kernel"
+    return total_macs - sum(e.macs_before - e.info.get(key, e.macs_after) for e in entries.values())
+
+
+def _entries_for_flops(
+    layer_entries: Callable[[float], tuple[dict[str, LayerPlan], dict[str, Any]]],
+    total_params: int,
+    total_macs: int,
+    config: LowRankSparseConfig,
+    warnings: list[str],
+) -> tuple[dict[str, LayerPlan], dict[str, Any]]:
+    """Bisect the parameter target until the sparse-kernel MACs meet ``config.flops`` (they fall with it)."""
+    assert config.flops is not None
+    target = total_macs * (1.0 - config.flops)
+
+    def macs_at(ratio: float) -> int:
+        try:
+            return _kernel_macs(layer_entries(total_params / ratio)[0], total_macs, config.structured)
+        except CompressionError:  # past the reachable parameter budget
+            return -1
+
+    lo, hi = 1.0 + 1e-6, 1e4
+    while hi > lo * 1.01 and macs_at(hi) < 0:  # the largest parameter ratio the layers can still reach
+        hi = math.sqrt(lo * hi)
+    floor_macs = macs_at(hi)
+    if floor_macs < 0 or floor_macs > target * 1.03:
+        raise CompressionError(
+            f"FLOPS={config.flops:g} is not reachable for lrsd: even at the highest compression the sparse-kernel "
+            f"MACs stay at {100 * floor_macs / total_macs:.1f}% of dense; lower FLOPS or compress more layers"
+        )
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        got = macs_at(mid)
+        if got < 0 or got <= target:
+            hi = mid
+        else:
+            lo = mid
+        if hi / lo < 1 + 1e-9:
+            break
+    chosen, summary = layer_entries(total_params / hi)
+    exported = total_macs - sum(e.macs_before - e.macs_after for e in chosen.values())
+    warnings.append(
+        f"FLOPS={config.flops:g} counts the MACs a sparse kernel executes"
+        f"{' (2:4 tensor cores run S at half cost)' if config.structured == '2:4' else ''}; the exported ONNX graph "
+        f"runs the sparse branch as a dense conv, so it executes {100 * exported / total_macs:.0f}% of the dense MACs"
+    )
+    summary = {**summary, "flops_measure": "2:4 sparse tensor cores" if config.structured == "2:4" else "sparse kernel"}
+    return chosen, summary
 
 
 def _retotal(plan: Plan, total_params: int, total_macs: int) -> None:

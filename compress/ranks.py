@@ -274,6 +274,8 @@ def select_ranks(
     knob: float | None = None,
     round_to: int = 8,
     min_rank: int = 8,
+    total_macs: int | None = None,
+    flops: float | None = None,
 ) -> RankSelection:
     """Choose ranks for every candidate.
 
@@ -282,49 +284,75 @@ def select_ranks(
         rule: The rank rule.
         total_params: Parameters of the whole dense model.
         ratio: Target whole-model parameter ratio (dense / compressed); ``None`` uses ``knob`` as given.
-        knob: Fixed knob value when ``ratio`` is ``None``.
+        knob: Fixed knob value when neither ``ratio`` nor ``flops`` is given.
         round_to: Ranks are rounded to a multiple of this.
         min_rank: Smallest rank allowed.
+        total_macs: MACs of the whole dense model (needed with ``flops``).
+        flops: Instead of ``ratio``: the fraction of the whole model's MACs to remove (0.5 = half). A layer
+            is then kept dense where factorizing would not lower its MACs.
 
     Returns:
         The ranks (``None`` = keep dense), the knob used and the resulting parameter count.
 
     Raises:
-        CompressionError: if ``ratio`` exceeds what the model can reach with these candidates.
+        CompressionError: if ``ratio`` / ``flops`` exceeds what the model can reach with these candidates.
     """
     warnings: list[str] = []
-    fixed = total_params - sum(c.params_dense for c in candidates)
+    by_macs = flops is not None
+    if by_macs and total_macs is None:
+        raise ValueError("select_ranks(flops=...) needs total_macs")
+    fixed_params = total_params - sum(c.params_dense for c in candidates)
+    fixed_macs = (total_macs or 0) - sum(c.macs_dense for c in candidates)
 
-    def choose(k: float) -> tuple[dict[str, tuple[int, ...] | None], int]:
+    def choose(k: float) -> tuple[dict[str, tuple[int, ...] | None], int, int]:
         chosen: dict[str, tuple[int, ...] | None] = {}
-        total = fixed
+        params_total, macs_total = fixed_params, fixed_macs
         for c in candidates:
             ranks = round_ranks(rule.continuous_ranks(c, k), c.max_ranks, round_to=round_to, min_rank=min_rank)
-            params, _ = c.cost(ranks)
-            if params >= c.params_dense:
+            params, macs = c.cost(ranks)
+            if (macs >= c.macs_dense) if by_macs else (params >= c.params_dense):
                 chosen[c.path] = None
-                total += c.params_dense
+                params_total += c.params_dense
+                macs_total += c.macs_dense
             else:
                 chosen[c.path] = ranks
-                total += params
-        return chosen, total
+                params_total += params
+                macs_total += macs
+        return chosen, params_total, macs_total
+
+    def measure(k: float) -> int:
+        _, params, macs = choose(k)
+        return macs if by_macs else params
 
     lo, hi = rule.knob_bounds(candidates)
-    _, min_params = choose(hi)
-    if ratio is None:
+    _, min_params, min_macs = choose(hi)
+    if ratio is None and not by_macs:
         if knob is None:
             raise UserInputError("give a target ratio or a knob value for the rank rule")
-        chosen, params = choose(knob)
+        chosen, params, _ = choose(knob)
         return RankSelection(chosen, knob, params, None, min_params, _info(rule, candidates), warnings)
 
-    target = total_params / ratio
-    if min_params > target * 1.03:
-        reachable = total_params / min_params
-        raise CompressionError(
-            f"ratio {ratio:g} is not reachable: with the layers this method may compress (the rest kept dense) "
-            f"the model keeps at least {min_params:,} of {total_params:,} parameters, i.e. at most "
-            f"×{reachable:.2f}; ask for RATIO≤{math.floor(reachable * 100) / 100:g} or include more layers"
-        )
+    if by_macs:
+        assert flops is not None
+        assert total_macs is not None
+        target = total_macs * (1.0 - flops)
+        if min_macs > target * 1.03:
+            reachable = 1.0 - min_macs / total_macs
+            raise CompressionError(
+                f"FLOPS={flops:g} is not reachable: with the layers this method may compress (the rest kept dense) "
+                f"the model keeps at least {min_macs:,} of {total_macs:,} MACs, i.e. at most "
+                f"{100 * reachable:.1f}% fewer; ask for FLOPS≤{math.floor(reachable * 100) / 100:g} or include more layers"
+            )
+    else:
+        assert ratio is not None
+        target = total_params / ratio
+        if min_params > target * 1.03:
+            reachable = total_params / min_params
+            raise CompressionError(
+                f"ratio {ratio:g} is not reachable: with the layers this method may compress (the rest kept dense) "
+                f"the model keeps at least {min_params:,} of {total_params:,} parameters, i.e. at most "
+                f"×{reachable:.2f}; ask for RATIO≤{math.floor(reachable * 100) / 100:g} or include more layers"
+            )
     scale: Callable[[float], float]
     unscale: Callable[[float], float]
     if rule.log_scale():
@@ -336,25 +364,35 @@ def select_ranks(
 
         unscale = scale
     a, b = scale(lo), scale(hi)
-    # Invariant: params(a) > target >= params(b) (params are non-increasing in the knob).
-    _, p_lo = choose(unscale(a))
-    if p_lo <= target:
+    # Invariant: measure(a) > target >= measure(b) (params and MACs are non-increasing in the knob).
+    if measure(unscale(a)) <= target:
         b = a
     for _ in range(60):
         if b - a < 1e-9 * max(1.0, abs(b)):
             break
         mid = 0.5 * (a + b)
-        _, p = choose(unscale(mid))
-        if p > target:
+        if measure(unscale(mid)) > target:
             a = mid
         else:
             b = mid
     best_knob = unscale(b)
-    chosen, params = choose(best_knob)
-    above, p_above = choose(unscale(a))
-    if abs(p_above - target) < abs(params - target):
-        best_knob, chosen, params = unscale(a), above, p_above
+    chosen, params, macs = choose(best_knob)
+    above, p_above, m_above = choose(unscale(a))
+    got, got_above = (macs, m_above) if by_macs else (params, p_above)
+    if abs(got_above - target) < abs(got - target):
+        best_knob, chosen, params, got = unscale(a), above, p_above, got_above
+    if by_macs:
+        assert total_macs is not None
+        assert flops is not None
+        achieved_cut = 1.0 - got / total_macs
+        if abs(got / target - 1.0) > 0.03:
+            warnings.append(
+                f"achieved FLOPs reduction {100 * achieved_cut:.1f}% misses the requested {100 * flops:g}% by more "
+                f"than 3% of the remaining FLOPs: rank steps of {round_to} are too coarse; lower ROUND_TO"
+            )
+        return RankSelection(chosen, best_knob, params, None, min_params, _info(rule, candidates), warnings)
     achieved = total_params / params
+    assert ratio is not None
     if abs(achieved / ratio - 1.0) > 0.03:
         warnings.append(
             f"achieved ratio ×{achieved:.3f} is more than 3% from the requested ×{ratio:g}: rank steps of "

@@ -238,7 +238,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
          "compressed": {same keys},
          "parity": {"max_abs", "max_rel", "atol", "rtol"},   # compressed ONNX vs its PyTorch
          "parity_dense": {"max_abs", "max_rel"},              # dense ONNX vs its PyTorch
-         "ratios": {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency"},
+         "ratios": {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency", "flops_reduction"},
          "weights_warning": str | null, "agreement": from compress.json,
          "accuracy": null (no DATA) | {"data", "n", "dense", "raw", "finetuned"}, each {"top1", "top5",
                      "ci95", "n", "loss"} or null (finetuned: null without FINETUNE_EPOCHS),
@@ -282,6 +282,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "speedup_p50": speedup_p50,
         "speedup_ci95": speed.get("ci95"),
         "efficiency": _ratio(speedup_p50, macs_ratio),
+        "flops_reduction": None if not macs_ratio else 1.0 - 1.0 / macs_ratio,
     }
     par_c = _require(parity, CANDIDATE, PARITY_JSON, folder)
     par_d = _require(parity, BASELINE, PARITY_JSON, folder)
@@ -345,9 +346,11 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
     ci = r.get("speedup_ci95")
     ci_text = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else ""
     eff = r.get("efficiency")
+    cut = r.get("flops_reduction")
+    cut_text = "" if cut is None else f" ({100 * cut:.1f}% fewer FLOPs)"
     lines += [
         f"- **Speedup (p50): {_x(r['speedup_p50'])}**{ci_text}",
-        f"- Params ratio {_x(r['params'])}, MACs ratio {_x(r['macs'])}, efficiency (speedup / MACs ratio) "
+        f"- Params ratio {_x(r['params'])}, MACs ratio {_x(r['macs'])}{cut_text}, efficiency (speedup / MACs ratio) "
         f"{'n/a' if eff is None else f'{eff:.2f}'}",
     ]
     par, par_d = report["parity"], report.get("parity_dense") or {}

@@ -141,7 +141,8 @@ def test_report_schema_and_ratios(run_dir, fake_result):
     assert on_disk["dense"]["latency_ms"]["p50"] == pytest.approx(4.0)
     assert on_disk["compressed"]["latency_ms"]["p99"] == pytest.approx(2.0)
     ratios = on_disk["ratios"]
-    assert set(ratios) == {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency"}
+    assert set(ratios) == {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency", "flops_reduction"}
+    assert ratios["flops_reduction"] == pytest.approx(1 - comp["compressed"]["macs"] / comp["dense"]["macs"])
     assert ratios["params"] == pytest.approx(comp["dense"]["params"] / comp["compressed"]["params"])
     assert ratios["macs"] == pytest.approx(comp["dense"]["macs"] / comp["compressed"]["macs"])
     assert ratios["speedup_p50"] == pytest.approx(2.0)
