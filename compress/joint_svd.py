@@ -150,9 +150,17 @@ for _name in JOINT_METHODS:
 
 
 # ================================================================================================ factors
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD, computed on the tall orientation (LAPACK's gesdd is ~2× faster there for wide stacks)."""
+    if matrix.shape[0] < matrix.shape[1]:
+        g_t, s, vh_t = torch.linalg.svd(matrix.T, full_matrices=False)
+        return vh_t.T, s, g_t.T
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
 def _top_r(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` truncated SVD ``G_r Σ_r V_r`` with Σ folded into the left factor (spec §2)."""
-    g, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    g, s, vh = _svd(matrix)
     return g[:, :rank] * s[:rank], vh[:rank]
 
 
@@ -199,7 +207,7 @@ def _svd_r(
     m, n = matrix.shape
     q = min(rank + 10, n)
     if warm is None or 2 * q >= min(m, n):
-        g, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        g, s, vh = _svd(matrix)
         return g[:, :rank], s[:rank], vh[:rank].T
     gen = torch.Generator(device=matrix.device).manual_seed(0)
     noise = torch.randn(n, q - warm.shape[1], generator=gen, dtype=matrix.dtype, device=matrix.device)
