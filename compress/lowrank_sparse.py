@@ -790,6 +790,8 @@ class LowRankSparseConfig:
             kernel would execute them (r(m+k)·P + c·P per layer; with ``structured="2:4"`` the S branch at
             half its dense cost). The exported ONNX graph runs S as a dense conv, so its own MACs do not
             drop; the plan records both and warns. When given, ``ratio`` is set to ``None``.
+        parts: ``both`` (L + S), or the equal-budget ablations ``lowrank`` (c = 0: the whole budget buys rank,
+            data-aware low-rank only) and ``sparse`` (r = 0: data-aware pruning). Only ``both`` searches a split.
         split: ``search`` (grid over r on the calibration objective, spec §1.5) or ``fixed`` (``rank_fraction``).
         rank_fraction: Share of the largest affordable rank given to L when ``split="fixed"`` (and the
             plan's starting split before the search).
@@ -823,6 +825,7 @@ class LowRankSparseConfig:
     method: str = METHOD
     ratio: float | None = 4.0
     flops: float | None = None
+    parts: str = "both"
     split: str = "search"
     rank_fraction: float = 0.5
     split_grid: int = 6
@@ -862,6 +865,7 @@ class LowRankSparseConfig:
             "s_step": ("grasp", "hard"),
             "structured": ("none", "2:4"),
             "mode": ("asymmetric", "symmetric"),
+            "parts": ("both", "lowrank", "sparse"),
             "allocation": ("uniform", "conv_fc"),
         }
         for name, allowed in choices.items():
@@ -884,6 +888,21 @@ class LowRankSparseConfig:
         for item in self.layer_ratios:
             if len(item) != 2 or not float(item[1]) >= 1.0:
                 raise UserInputError(f"layer_ratios entries are (pattern, ratio ≥ 1), got {item!r}")
+
+    @property
+    def searches(self) -> bool:
+        """Whether each layer's r/c split is searched on the calibration objective."""
+        return self.split == "search" and self.parts == "both"
+
+    def layer_split(self, module: nn.Module, budget: int) -> tuple[int, int]:
+        """The planned ``(rank, cardinality)`` of ``module`` for a weight budget (before any search)."""
+        m, k, _, _ = _matrix_dims(module)
+        max_card = _max_card(module, self.structured)
+        if self.parts == "lowrank":
+            return max(1, min(budget // (m + k), m, k)), 0
+        if self.parts == "sparse":
+            return 0, _card_for(m, k, budget, 0, charge_index=self.charge_index, max_card=max_card)
+        return split_budget(m, k, budget, self.rank_fraction, charge_index=self.charge_index, max_card=max_card)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view."""
@@ -1090,14 +1109,7 @@ def _plan_lrsd(
             if ratio <= 1.0 or budget >= m * k:
                 out[path] = _keep_entry(path, module, geom, f"allocated ratio {ratio:.3g} ≤ 1: nothing to gain")
                 continue
-            rank, card = split_budget(
-                m,
-                k,
-                budget,
-                config.rank_fraction,
-                charge_index=config.charge_index,
-                max_card=_max_card(module, config.structured),
-            )
+            rank, card = config.layer_split(module, budget)
             out[path] = _layer_entry(path, module, geom, rank, card, ratio, budget, config.structured)
         return out, summary
 
@@ -1374,7 +1386,7 @@ def lrsd_compress_(
     batches = None if calibration_batches is None else list(calibration_batches)
     if batches is not None and not batches:
         raise UserInputError("calibration_batches is empty; pass at least one batch or None for the weight-only fit")
-    search = config.split == "search"
+    search = config.searches
     if batches is None:
         plan.warnings.append(WEIGHT_ONLY_WARNING)
         for entry in plan.factorized_layers:
@@ -1460,17 +1472,10 @@ def sensitivity_sweep(
             if not ratio > 1.0:
                 raise UserInputError(f"sensitivity ratios must be > 1, got {ratio}")
             budget = math.floor(m * k / ratio)
-            rank, card = split_budget(
-                m,
-                k,
-                budget,
-                cfg.rank_fraction,
-                charge_index=cfg.charge_index,
-                max_card=_max_card(module, cfg.structured),
-            )
+            rank, card = cfg.layer_split(module, budget)
             geom = LayerGeometry()
             entry = _layer_entry(path, module, geom, rank, card, ratio, budget, cfg.structured)
-            new = _solve_layer(module, entry, stats[path], cfg, search=cfg.split == "search")
+            new = _solve_layer(module, entry, stats[path], cfg, search=cfg.searches)
             row = {
                 "response_error": float(entry.info["response_error"]),
                 "rank": float(entry.ranks[0]),  # type: ignore[index]

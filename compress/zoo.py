@@ -368,3 +368,64 @@ cifar_resnet20 = register_model(_he_factory(20))
 cifar_resnet32 = register_model(_he_factory(32))
 cifar_resnet44 = register_model(_he_factory(44))
 cifar_resnet56 = register_model(_he_factory(56))
+
+
+class CifarVGG(nn.Module):
+    """VGG-style net for small inputs with an FC-heavy head (the LRSD paper's VGG-16 / AlexNet regime).
+
+    ``features`` is Conv3×3–BN–ReLU stacks separated by 2×2 max-pools, ``avgpool`` a global average pool
+    (so 28×28 and 32×32 inputs both work), ``classifier`` two hidden FC layers (ReLU) and the output FC.
+
+    Args:
+        config: Conv widths with ``"M"`` for a max-pool, e.g. ``[64, "M", 128, ...]``.
+        fc_width: Width of the two hidden FC layers.
+        num_classes: Output classes.
+        in_channels: Input channels.
+    """
+
+    def __init__(self, config: list[int | str], *, fc_width: int, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        if in_channels < 1 or num_classes < 1 or fc_width < 1:
+            raise UserInputError(
+                f"in_channels={in_channels}, num_classes={num_classes} and fc_width={fc_width} must be ≥ 1"
+            )
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                width = int(item)
+                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+                channels = width
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.classifier = nn.Sequential(
+            nn.Linear(channels, fc_width),
+            nn.ReLU(),
+            nn.Linear(fc_width, fc_width),
+            nn.ReLU(),
+            nn.Linear(fc_width, num_classes),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+@register_model
+def cifar_vgg11(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarVGG:
+    """VGG-11 layout for small inputs: 8 convs 64–512 with 4 max-pools, then FC 2048 → 2048 → classes.
+
+    The hidden FC width is 4 × the last conv width, so the head holds about a third of the weights, as
+    VGG's FC layers dominate on ImageNet. ``cifar_vgg11_w0.25`` has 16–128 channels and FC 512.
+    """
+    c = [max(1, round(width * v)) for v in (64, 128, 256, 256, 512, 512, 512, 512)]
+    config: list[int | str] = [c[0], "M", c[1], "M", c[2], c[3], "M", c[4], c[5], "M", c[6], c[7]]
+    return CifarVGG(config, fc_width=4 * c[-1], num_classes=num_classes, in_channels=in_channels)

@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--batch", type=int, default=None, help="batch size of the example/parity input")
     exp.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance ({DEFAULT_ATOL:g})")
     exp.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance ({DEFAULT_RTOL:g})")
+    exp.add_argument(
+        "--sparse-initializers",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto (default): when the compressed model has mostly-zero weights (LRSD's sparse branch), also "
+        "write model.sparse.onnx storing them as ONNX sparse initializers (file size only; parity checked)",
+    )
 
     eng = sub.add_parser(
         "engine",
@@ -132,6 +139,12 @@ def _export_run(args: argparse.Namespace) -> int:
         print(_summary_line(key, path, summary, result))
         if not result.passed:
             failures.append(f"{key} ({filename}): {result}")
+        if key != "dense" and args.sparse_initializers == "auto":
+            sparse = _sparse_copy(model, optimized, run_dir, input_shape, args)
+            if sparse is not None:
+                record["sparse_onnx"] = sparse
+                if not sparse["passed"]:
+                    failures.append(f"{key} ({SPARSE_FILE}): max_abs {sparse['max_abs']:.3g}")
     atomic_write_json(run_dir / "parity.json", record)
     print(f"wrote {run_dir / 'parity.json'}")
     if failures:
@@ -177,6 +190,36 @@ def _build_engines(args: argparse.Namespace) -> int:
             f"built in {built.metadata['build_s']:.1f} s"
         )
     return 0
+
+
+SPARSE_FILE = "model.sparse.onnx"
+
+
+def _sparse_copy(
+    model: Any, optimized: Any, run_dir: Path, input_shape: tuple[int, ...], args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """Write ``model.sparse.onnx`` (mostly-zero weights as sparse initializers) when that saves bytes."""
+    from export.sparse import sparse_summary, sparsify_initializers
+
+    sparse = sparsify_initializers(optimized)
+    if not sparse.graph.sparse_initializer:
+        return None
+    path = save_onnx(sparse, run_dir / SPARSE_FILE)
+    result = check_onnx_parity(
+        model, path, input_shape=input_shape, atol=args.atol, rtol=args.rtol, raise_on_failure=False
+    )
+    print(
+        f"compressed, sparse initializers: {path} ({path.stat().st_size / 1e6:.2f} MB, "
+        f"{len(sparse.graph.sparse_initializer)} sparse tensors) parity max_abs={result.max_abs:.2e}"
+    )
+    return {
+        "file": SPARSE_FILE,
+        "onnx_bytes": path.stat().st_size,
+        "max_abs": result.max_abs,
+        "passed": result.passed,
+        **sparse_summary(sparse),
+        "note": "storage only: ONNX has no sparse Conv/Gemm, runtimes densify sparse initializers on load",
+    }
 
 
 def _summary_line(key: str, path: Path, summary: dict[str, Any], result: Any) -> str:

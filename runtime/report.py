@@ -238,6 +238,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
          "compressed": {same keys},
          "parity": {"max_abs", "max_rel", "atol", "rtol"},   # compressed ONNX vs its PyTorch
          "parity_dense": {"max_abs", "max_rel"},              # dense ONNX vs its PyTorch
+         "sparse_onnx": null | {"file", "onnx_bytes", "max_abs", "sparse_values", "n_sparse_initializers"},
          "ratios": {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency", "flops_reduction"},
          "weights_warning": str | null, "agreement": from compress.json,
          "accuracy": null (no DATA) | {"data", "n", "dense", "raw", "finetuned"}, each {"top1", "top5",
@@ -305,6 +306,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "rtol": parity.get("rtol"),
         },
         "parity_dense": {"max_abs": par_d.get("max_abs"), "max_rel": par_d.get("max_rel")},
+        "sparse_onnx": _sparse_onnx(parity.get("sparse_onnx")),
         "ratios": ratios,
         "weights_warning": comp.get("weights_warning"),
         "agreement": comp.get("agreement"),
@@ -339,6 +341,12 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
         f"| ONNX MB | {_mb(d['onnx_bytes'])} | {_mb(c['onnx_bytes'])} | "
         f"{_x(_ratio(d['onnx_bytes'], c['onnx_bytes']))} |",
     ]
+    sparse = report.get("sparse_onnx")
+    if sparse:
+        lines.append(
+            f"| ONNX MB, sparse initializers ({sparse['file']}) | | {_mb(sparse['onnx_bytes'])} | "
+            f"{_x(_ratio(d['onnx_bytes'], sparse['onnx_bytes']))} |"
+        )
     for q in ("p50", "p90", "p99"):
         dq, cq = d["latency_ms"][q], c["latency_ms"][q]
         lines.append(f"| {q} ms | {dq:.3f} | {cq:.3f} | {_x(_ratio(dq, cq))} |")
@@ -389,6 +397,13 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
 
 
 # Internals --------------------------------------------------------------------------------------------
+
+
+def _sparse_onnx(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The storage-only sparse-initializer copy of the compressed ONNX (LRSD), if the export wrote one."""
+    if not record:
+        return None
+    return {k: record.get(k) for k in ("file", "onnx_bytes", "max_abs", "sparse_values", "n_sparse_initializers")}
 
 
 def _accuracy(record: Any) -> dict[str, Any] | None:

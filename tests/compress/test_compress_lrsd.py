@@ -488,3 +488,27 @@ def test_equal_budget_low_rank_plus_sparse_beats_either_alone() -> None:
         err[r] = weighted
     assert err[4] < 0.9 * err[7]
     assert err[4] < 0.6 * err[0]
+
+
+@pytest.mark.parametrize("parts", ["lowrank", "sparse"])
+def test_equal_budget_ablations_drop_one_part(parts: str) -> None:
+    """parts=lowrank is c = 0 (no sparse branch at all), parts=sparse is r = 0 (pruning), at L + S's budget."""
+    x = torch.randn(1, 1, 12, 12)
+    both = lrsd_compress_(_small(), LowRankSparseConfig(ratio=3.0, split="fixed", iters=3), x, _batches())
+    model = _small()
+    plan = lrsd_compress_(model, LowRankSparseConfig(ratio=3.0, parts=parts, iters=3), x, _batches())
+    assert "split_trials" not in plan.factorized_layers[0].info  # no split search in an ablation
+    for entry in plan.factorized_layers:
+        m, k = entry.info["m"], entry.info["k"]
+        rank, card = entry.ranks[0], entry.info["cardinality"]
+        assert (card == 0 and rank >= 1) if parts == "lowrank" else (rank == 0 and card >= 1)
+        assert rank * (m + k) + card <= entry.info["budget"]
+    modules = [model.get_submodule(e.path) for e in plan.factorized_layers]
+    if parts == "lowrank":  # only the low-rank branch is built: no dense-with-zeros conv, MACs drop
+        assert all(isinstance(mod, LowRankSparse) and mod.sparse is None for mod in modules)
+        assert count_macs(model, x) < plan.totals["macs_before"]
+    else:
+        assert all(mod.lowrank is None for mod in modules)
+    # equal parameter budget: stored values within one layer's rounding of the L + S plan
+    slack = max(e.info["m"] + e.info["k"] for e in plan.factorized_layers) * len(plan.factorized_layers)
+    assert abs(plan.totals["params_after"] - both.totals["params_after"]) <= slack

@@ -212,7 +212,8 @@ def test_init_options() -> None:
 # ------------------------------------------------------------------------------------------------ load_model
 def test_registry_listed_first() -> None:
     zoo = list_zoo_models()
-    assert zoo == [f"cifar_resnet{d}" for d in (18, 20, 32, 34, 44, 50, 56)]
+    assert zoo == sorted(zoo)
+    assert {f"cifar_resnet{d}" for d in (18, 20, 32, 34, 44, 50, 56)} | {"cifar_vgg11"} <= set(zoo)
     names = list_models()
     assert names[: len(zoo)] == zoo
     assert "resnet34" in names
@@ -279,3 +280,15 @@ def test_torchvision_in_channels() -> None:
     with torch.no_grad():
         assert loaded.model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
     assert load_model("resnet18", "random", in_channels=3, input_size=32).input_shape == (3, 32, 32)
+
+
+def test_cifar_vgg11_has_an_fc_heavy_head_and_takes_28_and_32_pixel_inputs() -> None:
+    model = create_model("cifar_vgg11_w0.25", num_classes=10, in_channels=1).eval()
+    convs = 9 * (1 * 16 + 16 * 32 + 32 * 64 + 64 * 64 + 64 * 128 + 3 * 128 * 128)
+    bn = 2 * (16 + 32 + 64 + 64 + 4 * 128)
+    fc = (128 * 512 + 512) + (512 * 512 + 512) + (512 * 10 + 10)
+    assert sum(p.numel() for p in model.parameters()) == convs + bn + fc == 911_354
+    assert sum(p.numel() for p in model.classifier.parameters()) == fc
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+        assert create_model("cifar_vgg11", num_classes=100)(torch.zeros(1, 3, 32, 32)).shape == (1, 100)

@@ -78,3 +78,32 @@ def test_sparse_initializers_shrink_the_file_and_ort_still_runs(lrsd_case) -> No
     (sparse_out,) = ort_run(sparse, x)
     assert abs(dense_out - sparse_out).max() == 0.0
     assert check_onnx_parity(model, sparse, input_shape=SHAPE, atol=1e-4, rtol=1e-4).passed
+
+
+def test_export_cli_writes_a_sparse_initializer_copy_beside_the_dense_graph(lrsd_case, tmp_path, monkeypatch) -> None:
+    """`python -m export onnx` on an LRSD run: model.onnx (dense, runs everywhere) + model.sparse.onnx (storage)."""
+    import json
+    import types
+
+    import compress.artifacts as artifacts
+    import export.__main__ as cli
+
+    model = lrsd_case[0]
+    dense = _Net().eval()
+    run = types.SimpleNamespace(dense=dense, compressed=model, input_shape=SHAPE, info={})
+    monkeypatch.setattr(artifacts, "load_run", lambda run_dir: run)
+    assert cli.main(["onnx", "--run-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "parity.json").read_text())
+    sparse = record["sparse_onnx"]
+    assert sparse["file"] == "model.sparse.onnx"
+    assert sparse["passed"] is True
+    assert sparse["max_abs"] < 1e-5
+    assert sparse["n_sparse_initializers"] >= 1
+    assert sparse["onnx_bytes"] == (tmp_path / "model.sparse.onnx").stat().st_size < record["compressed"]["onnx_bytes"]
+    # a dense run writes no sparse copy
+    other = tmp_path / "dense_only"
+    other.mkdir()
+    run.compressed = _Net().eval()
+    assert cli.main(["onnx", "--run-dir", str(other)]) == 0
+    assert "sparse_onnx" not in json.loads((other / "parity.json").read_text())
+    assert not (other / "model.sparse.onnx").exists()

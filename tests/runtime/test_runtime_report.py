@@ -125,8 +125,9 @@ def test_report_schema_and_ratios(run_dir, fake_result):
         "env",
     }
     extras = {"ratios", "weights_warning", "agreement", "accuracy", "parity_dense", "artifacts", "batch"}
-    assert set(on_disk) == contract | extras
+    assert set(on_disk) == contract | extras | {"sparse_onnx"}
     assert on_disk["accuracy"] is None  # no DATA given
+    assert on_disk["sparse_onnx"] is None  # no mostly-zero weights, no sparse copy
     comp = json.loads((run_dir / "compress.json").read_text())
     assert (on_disk["model"], on_disk["method"], on_disk["weights"]) == ("tiny", "tucker2", "random")
     assert on_disk["input_shape"] == [1, 3, 8, 8]
