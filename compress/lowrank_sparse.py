@@ -770,10 +770,17 @@ class LowRankSparse(nn.Module):
         return torch.Size([second.weight.shape[0], *first.weight.shape[1:]])
 
     def freeze_support_(self) -> LowRankSparse:
-        """Keep the sparse support fixed during fine-tuning (gradients off the support are zeroed)."""
-        if self.sparse is not None:
-            mask = (self.sparse.weight.detach() != 0).to(self.sparse.weight.dtype)
-            self.sparse.weight.register_hook(lambda g: g * mask)
+        """Keep the sparse support fixed while training: gradients off the support are zeroed.
+
+        Zero weights with zero gradients stay exactly zero under SGD (momentum, weight decay) and AdamW, so
+        fine-tuning keeps S's cardinality (and a 2:4 pattern). The mask is a non-persistent buffer (it
+        follows ``.to(device)`` and is not part of the state dict); calling this twice is harmless.
+        """
+        if self.sparse is None or getattr(self, "_support_frozen", False):
+            return self
+        self.register_buffer("support_mask", (self.sparse.weight.detach() != 0).to(self.sparse.weight.dtype), False)
+        self.sparse.weight.register_hook(lambda g, owner=self: g * owner.support_mask)
+        self._support_frozen = True
         return self
 
 

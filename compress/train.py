@@ -446,6 +446,10 @@ class Trainer:
         self.config = config
         self.dist = distributed_context("cuda" if device.startswith("cuda") else device)
         self.device = resolve_device(device, self.dist)
+        for module in model.modules():  # layers whose sparsity pattern is part of the compression (LRSD)
+            freeze = getattr(module, "freeze_support_", None)
+            if callable(freeze):
+                freeze()
         self.model = model.to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -512,3 +512,35 @@ def test_equal_budget_ablations_drop_one_part(parts: str) -> None:
     # equal parameter budget: stored values within one layer's rounding of the L + S plan
     slack = max(e.info["m"] + e.info["k"] for e in plan.factorized_layers) * len(plan.factorized_layers)
     assert abs(plan.totals["params_after"] - both.totals["params_after"]) <= slack
+
+
+@pytest.mark.skipif(
+    not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST is not installed (make data installs the Debian package dataset-fashion-mnist)",
+)
+@pytest.mark.parametrize("structured", ["none", "2:4"])
+def test_finetuning_keeps_the_sparse_support_and_the_two_four_pattern(structured: str) -> None:
+    """The Trainer freezes every LRSD layer's support: S keeps its zeros (and 2:4 pattern) while it learns."""
+    from compress.data import calibration_subset, load_data
+    from compress.train import TrainConfig, Trainer
+    from compress.zoo import create_model
+
+    data = load_data("fashion-mnist")
+    train = data.train.subset(calibration_subset(data.train, 256, seed=1).indices)
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20", num_classes=10, in_channels=1, width=0.25).eval()
+    cfg = LowRankSparseConfig(ratio=3.0, split="fixed", iters=2, structured=structured)
+    lrsd_compress_(model, cfg, torch.zeros(1, 1, 28, 28), None)
+    layers = [m for m in model.modules() if isinstance(m, LowRankSparse) and m.sparse is not None]
+    before = [m.sparse.weight.detach().clone() for m in layers]
+    Trainer(model, TrainConfig(epochs=1, lr=0.05, max_steps=4, batch_size=64), train, None, progress=False).fit()
+    changed = 0
+    for m, w0 in zip(layers, before, strict=True):
+        w = m.sparse.weight.detach()
+        assert torch.equal(w == 0, w0 == 0)  # exactly the same support
+        changed += int(not torch.equal(w, w0))
+        if structured == "2:4":  # at most 2 non-zeros in every group of 4 input channels
+            groups = (w != 0).transpose(0, 1).reshape(w.shape[1] // 4, 4, -1).sum(1)
+            assert int(groups.max()) <= 2
+    assert changed == len(layers)  # the values on the support did train
+    assert "support_mask" not in model.state_dict() and all(hasattr(m, "support_mask") for m in layers)
