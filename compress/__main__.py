@@ -116,13 +116,46 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     ls.add_argument("--s-step", default=None, help="grasp (default) | hard: the sparse-part update")
     ls.add_argument("--structured", default=None, help="none (default) | 2:4: NVIDIA 2:4 pattern for the sparse part")
     ls.add_argument("--lrsd-mode", dest="mode", default=None, help="asymmetric (default) | symmetric calibration")
-    ls.add_argument("--calibration-samples", type=_positive_int, default=None, help="calibration images (default 256)")
+    ls.add_argument(
+        "--calibration-samples",
+        type=_positive_int,
+        default=None,
+        help="calibration images (lrsd default 256; cc: gradient images, default 512)",
+    )
     ls.add_argument("--split", default=None, help="search (default) | fixed: rank/cardinality split per layer")
+    ls.add_argument(
+        "--lrsd-parts", dest="parts", default=None, help="both (default, L + S) | lowrank (c = 0) | sparse (r = 0)"
+    )
     v.add_argument("--stages", type=_positive_int, default=None, help="MUSCO multi-stage fine-tuning in N groups")
     j = p.add_argument_group("joint SVD (ljsvd | rjsvd1 | rjsvd2 | bijsvd | jsvd-tai)")
     j.add_argument("--rho", type=float, default=None, help="anchor rank rate ρ of the paper instead of --ratio (0.04)")
     j.add_argument("--bi-p", type=float, default=None, help="bijsvd: left proportion p = r_l/(r_l+r_r) (default 0.5)")
     j.add_argument("--bi-iters", type=_positive_int, default=None, help="bijsvd: alternating iterations K (default 30)")
+    cc = p.add_argument_group(
+        "cc (collaborative compression: input-channel pruning + SVD from gradient sensitivities)",
+        "gradients come from --calibration-samples seeded training images of --data (none: weight-only scores); "
+        "--round-to N rounds kept channels and ranks down to multiples of N (auto: no rounding, as the paper)",
+    )
+    cc.add_argument(
+        "--cc-gamma", dest="gamma", type=float, default=None, help="weight γ of the remaining-space term (default 0.9)"
+    )
+    cc.add_argument(
+        "--cc-mode",
+        dest="cc_mode",
+        choices=("both", "prune", "decompose"),
+        default=None,
+        help="both (default) | prune (pruning-only arm) | decompose (decomposition-only arm)",
+    )
+    cc.add_argument(
+        "--cc-weighting", dest="weighting", default=None, help="slope (default: the code's equal slope) | lagrangian"
+    )
+    cc.add_argument(
+        "--cc-curve-points",
+        dest="curve_points",
+        type=_nonneg_int,
+        default=None,
+        help="removal counts per sensitivity curve (default 32; 0 = every count, as the code)",
+    )
 
 
 def _nonneg_int(text: str) -> int:
@@ -307,6 +340,21 @@ def _config(args: argparse.Namespace) -> Any:
     ratio = None if args.no_ratio or not default_ratio else (args.ratio or 4.0)
     rank_rule = args.rank_rule or ("evbmf" if ratio is None and default_ratio else None)
     round_to = cpu_rank_multiple() if args.round_to == "auto" else args.round_to
+    if args.method == "cc" and args.round_to == "auto":
+        round_to = None  # cc keeps the paper's unrounded channel counts and ranks unless --round-to N is given
+    cc_mode = getattr(args, "cc_mode", None)
+    cc_flags = [
+        flag
+        for flag, value in (
+            ("--cc-gamma", args.gamma),
+            ("--cc-mode", cc_mode),
+            ("--cc-weighting", args.weighting),
+            ("--cc-curve-points", args.curve_points),
+        )
+        if value is not None
+    ]
+    if cc_flags and args.method != "cc":
+        raise UserInputError(f"{', '.join(cc_flags)} only apply to --method cc; drop them or use METHOD=cc")
     return method_config(
         args.method,
         ratio=ratio,
@@ -330,6 +378,12 @@ def _config(args: argparse.Namespace) -> Any:
         mode=args.mode,
         calibration_samples=args.calibration_samples,
         split=args.split,
+        parts=args.parts,
+        gamma=args.gamma,
+        decompose=None if cc_mode is None else cc_mode != "prune",
+        prune=None if cc_mode is None else cc_mode != "decompose",
+        weighting=args.weighting,
+        curve_points=args.curve_points,
     )
 
 
@@ -452,6 +506,9 @@ def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     if method == "lrsd":  # the solve needs calibration statistics: plan, calibrate and apply in one call
         plan = _lrsd(args, compressed, config, example, loaded.name, dataset, plan)
         t_plan, t_apply = time.perf_counter() - t0, 0.0
+    elif method == "cc":  # the sensitivities need labelled calibration data: plan and apply in one call
+        plan = _cc(args, compressed, config, example, loaded.name, dataset, plan)
+        t_plan, t_apply = time.perf_counter() - t0, 0.0
     else:
         if plan is None:
             plan = plan_compression(dense, config, example, model_name=loaded.name)
@@ -553,6 +610,22 @@ def _lrsd(args: argparse.Namespace, model: Any, config: Any, example: Any, name:
         return lrsd_compress_(model, config, example, batches, model_name=name, plan=plan)
     finally:
         torch.set_num_threads(threads)
+
+
+def _cc(args: argparse.Namespace, model: Any, config: Any, example: Any, name: str, dataset: Any, plan: Any) -> Any:
+    """CC: gradients on seeded labelled training images (or the weight-only fallback), then plan and apply in place."""
+    from compress.api import apply_plan_
+    from compress.collaborative import cc_compress_, gradient_batches
+
+    if plan is not None:  # a saved plan fixes every decision: rebuild it from the model's weights
+        apply_plan_(model, plan)
+        return plan
+    batches = None
+    if dataset is not None:
+        n = min(config.calibration_samples, len(dataset.train))
+        batches = gradient_batches(dataset.train, n, seed=config.seed)
+        print(f"cc: gradient statistics on {n} seeded training images of {dataset.info.name}")
+    return cc_compress_(model, config, example, batches, model_name=name)
 
 
 def _accuracy_before_finetune(args: argparse.Namespace, dataset: Any, dense: Any, compressed: Any) -> dict[str, Any]:

@@ -530,6 +530,7 @@ def compress_(
     return plan
 
 
+from compress import collaborative as _collaborative  # noqa: E402,F401  (registers cc)
 from compress import joint_svd as _joint_svd  # noqa: E402,F401  (registers ljsvd/rjsvd1/rjsvd2/bijsvd)
 from compress import lowrank_sparse as _lowrank_sparse  # noqa: E402,F401  (registers lrsd)
 from compress import vbmf_tucker as _vbmf_tucker  # noqa: E402,F401  (registers vbmf-tucker2)

@@ -543,4 +543,5 @@ def test_finetuning_keeps_the_sparse_support_and_the_two_four_pattern(structured
             groups = (w != 0).transpose(0, 1).reshape(w.shape[1] // 4, 4, -1).sum(1)
             assert int(groups.max()) <= 2
     assert changed == len(layers)  # the values on the support did train
-    assert "support_mask" not in model.state_dict() and all(hasattr(m, "support_mask") for m in layers)
+    assert not any(key.endswith("support_mask") for key in model.state_dict())  # not saved with the weights
+    assert all(hasattr(m, "support_mask") for m in layers)
