@@ -8,12 +8,15 @@ questions with the same budget, so they share this code:
 * :func:`compress_and_finetune` applies one compression variant to a copy, measures raw accuracy,
   fine-tunes with the given budget, measures again, and records params/MACs/wall times;
 * :func:`ort_latency` exports every model through the project's export pipeline (BN folded, parity
-  checked) and times them side by side with the runtime harness (ratios from one interleaved run).
+  checked) and times them side by side with the runtime harness (ratios from one interleaved run);
+* :func:`predictions` + :func:`mcnemar` compare two models on the same test images (paired exact test),
+  and the ``*_text`` helpers format result tables.
 """
 
 from __future__ import annotations
 
 import copy
+import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +30,17 @@ from compress.data import Dataset
 from compress.metrics import count_macs, count_params
 from compress.train import TrainConfig, Trainer, evaluate
 
-__all__ = ["compress_and_finetune", "ort_latency", "trained_dense"]
+__all__ = [
+    "ci_text",
+    "compress_and_finetune",
+    "cpu_name",
+    "mcnemar",
+    "ort_latency",
+    "pct",
+    "predictions",
+    "speedup_text",
+    "trained_dense",
+]
 
 
 def trained_dense(
@@ -126,3 +139,52 @@ def ort_latency(
             row["speedup_p50"] = est.ratio
             row["speedup_ci95"] = list(est.ci95)
     return rows
+
+
+def predictions(model: nn.Module, split: Any, batch_size: int = 1000) -> torch.Tensor:
+    """Top-1 correctness (bool per test image, in split order) for the paired test."""
+    from compress.data import BatchLoader
+
+    model.eval()
+    hits = []
+    with torch.no_grad():
+        for images, labels in BatchLoader(split, batch_size, shuffle=False):
+            hits.append(model(images).argmax(1) == labels)
+    return torch.cat(hits)
+
+
+def mcnemar(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """Exact two-sided McNemar test of two classifiers' correctness on the same images."""
+    from scipy.stats import binomtest
+
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(binomtest(only_a, n, 0.5).pvalue)
+    return {"only_first_right": only_a, "only_second_right": only_b, "p_value": p}
+
+
+def pct(acc: dict[str, Any] | None) -> str:
+    """``92.57 %`` from an Accuracy dict (``—`` for none)."""
+    return "—" if not acc else f"{100 * acc['top1']:.2f} %"
+
+
+def ci_text(acc: dict[str, Any]) -> str:
+    """``(92.0–93.1)``: the Wilson 95 % interval of an Accuracy dict, in percent."""
+    return f"({100 * acc['ci95'][0]:.1f}–{100 * acc['ci95'][1]:.1f})"
+
+
+def speedup_text(ort: dict[str, Any] | None) -> str:
+    """``2.03× (1.98–2.10)`` from an :func:`ort_latency` row (``—`` for the baseline or no timing)."""
+    if not ort or "speedup_p50" not in ort:
+        return "—"
+    lo, hi = ort["speedup_ci95"]
+    return f"{ort['speedup_p50']:.2f}× ({lo:.2f}–{hi:.2f})"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for result files."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return platform.processor() or "cpu"

@@ -48,7 +48,17 @@ from compress.train import TrainConfig, evaluate
 from compress.workflow import prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_harness import compress_and_finetune, ort_latency, trained_dense
+from accuracy_harness import (
+    ci_text,
+    compress_and_finetune,
+    cpu_name,
+    mcnemar,
+    ort_latency,
+    pct,
+    predictions,
+    speedup_text,
+    trained_dense,
+)
 
 SCHEMES = ["tai", "tucker2", "ljsvd", "rjsvd1", "rjsvd2", "bijsvd"]
 JOINT = ["ljsvd", "rjsvd1", "rjsvd2", "bijsvd"]
@@ -77,28 +87,6 @@ def scheme_config(scheme: str, *, ratio: float | None = None, rho: float | None 
     if rho is not None:
         return method_config(name, ratio=None, rho=rho, **options)
     return method_config(name, ratio=ratio, **options)
-
-
-def predictions(model: nn.Module, split: Any, batch_size: int = 1000) -> torch.Tensor:
-    """Top-1 correctness (bool per test image, in split order) for the paired test."""
-    from compress.data import BatchLoader
-
-    model.eval()
-    hits = []
-    with torch.no_grad():
-        for images, labels in BatchLoader(split, batch_size, shuffle=False):
-            hits.append(model(images).argmax(1) == labels)
-    return torch.cat(hits)
-
-
-def mcnemar(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
-    """Exact two-sided McNemar test of two classifiers' correctness on the same images."""
-    from scipy.stats import binomtest
-
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    n = only_a + only_b
-    p = 1.0 if n == 0 else float(binomtest(only_a, n, 0.5).pvalue)
-    return {"only_first_right": only_a, "only_second_right": only_b, "p_value": p}
 
 
 def shared_factors_intact(model: nn.Module, plan: Any) -> dict[str, Any]:
@@ -263,28 +251,13 @@ def run_imagenet_latency(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _pct(acc: dict[str, Any] | None) -> str:
-    return "—" if not acc else f"{100 * acc['top1']:.2f} %"
-
-
-def _ci(acc: dict[str, Any]) -> str:
-    return f"({100 * acc['ci95'][0]:.1f}–{100 * acc['ci95'][1]:.1f})"
-
-
-def _speed(ort: dict[str, Any] | None) -> str:
-    if not ort or "speedup_p50" not in ort:
-        return "—"
-    lo, hi = ort["speedup_ci95"]
-    return f"{ort['speedup_p50']:.2f}× ({lo:.2f}–{hi:.2f})"
-
-
 def render_markdown(result: dict[str, Any]) -> str:
     """The README tables of a result file."""
     fm = result["fmnist"]
     dense = fm["rows"]["dense"]
     lines = [
         f"Dense {fm['model']}: {dense['params'] / 1e6:.3f} M params, {2 * dense['macs'] / 1e6:.1f} M FLOPs, "
-        f"top-1 {_pct(dense['accuracy'])} {_ci(dense['accuracy'])}; ORT p50 "
+        f"top-1 {pct(dense['accuracy'])} {ci_text(dense['accuracy'])}; ORT p50 "
         f"{(dense.get('ort') or {}).get('latency_ms', {}).get('p50', float('nan')):.3f} ms.",
         "",
         "| target | scheme | CF (BN excl.) | params | FLOPs | ONNX KB | raw | fine-tuned (95 % CI) | ORT speedup (95 % CI) |",
@@ -297,8 +270,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         kb = f"{ort['onnx_bytes'] / 1024:.0f}" if "onnx_bytes" in ort else "—"
         lines.append(
             f"| ×{row['ratio_target']:g} | {LABELS[row['scheme']]} | {row['cf_excluding_bn']:.2f} | "
-            f"{row['params'] / 1e6:.3f} M | {row['flops'] / 1e6:.1f} M | {kb} | {_pct(row['raw'])} | "
-            f"**{_pct(row['finetuned'])}** {_ci(row['finetuned'])} | {_speed(ort)} |"
+            f"{row['params'] / 1e6:.3f} M | {row['flops'] / 1e6:.1f} M | {kb} | {pct(row['raw'])} | "
+            f"**{pct(row['finetuned'])}** {ci_text(row['finetuned'])} | {speedup_text(ort)} |"
         )
     if fm.get("paired"):
         lines += ["", "| paired test (same 10,000 images) | only first right | only second right | McNemar p |"]
@@ -325,7 +298,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {LABELS[key]} | {row['cf_excluding_bn']:.2f} | {row['params'] / 1e6:.2f} M | "
                 f"{2 * row['macs'] / 1e9:.2f} G | {ort.get('latency_ms', {}).get('p50', float('nan')):.1f} | "
-                f"{_speed(ort)} | {eff:.2f} |"
+                f"{speedup_text(ort)} | {eff:.2f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -404,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     result["environment"] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": _cpu(),
+        "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "ort_threads": args.threads,
         "date": time.strftime("%Y-%m-%d"),
@@ -417,14 +390,6 @@ def main(argv: list[str] | None = None) -> int:
     print(md, file=sys.stderr)
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}", file=sys.stderr)
     return 0
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
-    except OSError:
-        return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":
