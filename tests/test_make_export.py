@@ -160,3 +160,41 @@ def test_make_export_vbmf_tucker2_trains_compresses_and_finetunes_in_one_command
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["config"]["hooi_iters"] == 3
     assert abs(plan["target"]["achieved_ratio"] / 2 - 1) <= 0.03
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [("ljsvd", "RATIO=3"), ("lrsd", "RATIO=3"), ("cc", "FLOPS=0.5")],
+)
+def test_make_export_paper_methods(tmp_path: Path, method: str, target: str) -> None:
+    """`make export METHOD=ljsvd|lrsd|cc` end to end on a CIFAR ResNet-20 (random weights, no data)."""
+    venv = Path(sys.executable).resolve().parents[1]
+    out = tmp_path / "artifacts"
+    extra = {"lrsd": "--split fixed --calibration-samples 64", "cc": "", "ljsvd": ""}[method]
+    cmd = [
+        "make", "export", "MODEL=cifar_resnet20", f"METHOD={method}", target, "WEIGHTS=random", "DURATION=1",
+        "THREADS=1", f"OUT={out}", f"VENV={venv}", f"COMPRESS_ARGS={extra}",
+    ]  # fmt: skip
+    env = {**os.environ, "MAKEFLAGS": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = out / "cifar_resnet20" / method
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["method"] == method
+    assert report["parity"]["max_abs"] < 1e-3
+    plan = json.loads((run_dir / "plan.json").read_text())
+    if method == "ljsvd":  # shared factors stored once: the file shrinks like the parameter count
+        assert plan["target"]["groups"]
+        assert report["ratios"]["params"] == pytest.approx(3.0, rel=0.03)
+        onnx_ratio = report["dense"]["onnx_bytes"] / report["compressed"]["onnx_bytes"]
+        assert onnx_ratio == pytest.approx(report["ratios"]["params"], rel=0.1)
+    elif method == "lrsd":  # weight-only fallback said so; the sparse copy is smaller than the dense graph
+        assert any("no calibration data" in w for w in plan["warnings"])
+        sparse = report["sparse_onnx"]
+        assert sparse["file"] == "model.sparse.onnx"
+        assert sparse["onnx_bytes"] < report["compressed"]["onnx_bytes"]
+        assert (run_dir / "model.sparse.onnx").is_file()
+    else:  # cc: the FLOPs target is met in the exported graph's MACs
+        assert report["ratios"]["flops_reduction"] == pytest.approx(0.5, abs=0.015)
+        assert any("no calibration data, so the sensitivities are weight-only" in w for w in plan["warnings"])
