@@ -34,12 +34,14 @@ __all__ = [
     "ci_text",
     "compress_and_finetune",
     "cpu_name",
+    "environment",
     "mcnemar",
     "ort_latency",
     "pct",
     "predictions",
     "speedup_text",
     "trained_dense",
+    "write_results",
 ]
 
 
@@ -188,3 +190,28 @@ def cpu_name() -> str:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
     except OSError:
         return platform.processor() or "cpu"
+
+
+def environment(ort_threads: int | None) -> dict[str, Any]:
+    """What a result file records about the machine it was measured on."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "ort_threads": ort_threads,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_results(out: Path, result: dict[str, Any], markdown: str) -> None:
+    """``out`` (JSON, atomically) and its ``.md`` twin with the README tables; echo the tables to stderr."""
+    import sys
+
+    from compress._io import atomic_path, atomic_write_json
+
+    atomic_write_json(out, result)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(markdown)
+    print(markdown, file=sys.stderr)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress._io import atomic_write_json
 from compress.api import compress_, method_config
 from compress.collaborative import CollaborativeConfig, cc_compress_, gradient_batches
 from compress.metrics import count_macs, count_params
@@ -44,13 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_harness import (
     ci_text,
     compress_and_finetune,
-    cpu_name,
+    environment,
     mcnemar,
     ort_latency,
     pct,
     predictions,
     speedup_text,
     trained_dense,
+    write_results,
 )
 
 ARMS = ["CC", "pruning-only", "decomposition-only", "Tucker-2"]
@@ -225,21 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "cc_claims",
         "command": " ".join(["python", "benchmarks/cc_claims.py", *(argv if argv is not None else sys.argv[1:])]),
         "cc": run(args),
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu": cpu_name(),
-            "torch_threads": torch.get_num_threads(),
-            "ort_threads": args.threads,
-            "date": time.strftime("%Y-%m-%d"),
-        },
+        "environment": environment(args.threads),
     }
     result["wall_s"] = time.perf_counter() - t0
-    atomic_write_json(args.out, result)
-    md = render_markdown(result)
-    args.out.with_suffix(".md").write_text(md)
-    print(md, file=sys.stderr)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+    write_results(args.out, result, render_markdown(result))
     return 0
 
 

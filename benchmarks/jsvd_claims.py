@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress._io import atomic_write_json
 from compress.api import compress_, method_config
 from compress.joint_svd import norm_params
 from compress.metrics import count_macs, count_params
@@ -51,13 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_harness import (
     ci_text,
     compress_and_finetune,
-    cpu_name,
+    environment,
     mcnemar,
     ort_latency,
     pct,
     predictions,
     speedup_text,
     trained_dense,
+    write_results,
 )
 
 SCHEMES = ["tai", "tucker2", "ljsvd", "rjsvd1", "rjsvd2", "bijsvd"]
@@ -374,21 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.imagenet_rho > 0:
         result["imagenet"] = run_imagenet_latency(args)
-    result["environment"] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": cpu_name(),
-        "torch_threads": torch.get_num_threads(),
-        "ort_threads": args.threads,
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    result["environment"] = environment(args.threads)
     result["wall_s"] = time.perf_counter() - t0
-    atomic_write_json(args.out, result)
-    md = render_markdown(result)
-    args.out.with_suffix(".md").write_text(md)
+    write_results(args.out, result, render_markdown(result))
     plot(result, args.out.with_suffix(".png"))
-    print(md, file=sys.stderr)
-    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}", file=sys.stderr)
     return 0
 
 

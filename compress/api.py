@@ -40,6 +40,7 @@ __all__ = [
     "compress_",
     "method_config",
     "plan_compression",
+    "planned_module",
     "register_applier",
     "register_method",
     "register_planner",
@@ -459,6 +460,29 @@ def _hw(hw: tuple[int, int] | None) -> list[int] | None:
 
 
 # ================================================================================================ applying
+def planned_module(
+    model: nn.Module, entry: LayerPlan, plan: Plan, types: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+) -> nn.Module:
+    """The module a plan entry refers to, checked against the entry (type and weight shape).
+
+    Raises:
+        CompressionError: the model has no such layer, or it is not one of ``types`` of the planned shape.
+    """
+    try:
+        module = model.get_submodule(entry.path)
+    except AttributeError:
+        raise CompressionError(
+            f"plan does not match the model: it has no layer {entry.path!r}; was the plan made for {plan.model}?"
+        ) from None
+    if not isinstance(module, types) or list(module.weight.shape) != list(entry.shape):
+        kinds = "/".join(t.__name__ for t in types)
+        raise CompressionError(
+            f"plan does not match the model: {entry.path} is not a {kinds} of weight shape {entry.shape}"
+            f"{'' if not hasattr(module, 'weight') else f' (it has {list(module.weight.shape)})'}"
+        )
+    return module
+
+
 def apply_plan_(model: nn.Module, plan: Plan, *, init: str = "decompose") -> nn.Module:
     """Replace every planned layer of ``model`` in place; return ``model``.
 
@@ -478,17 +502,7 @@ def apply_plan_(model: nn.Module, plan: Plan, *, init: str = "decompose") -> nn.
         return _APPLIERS[plan.method](model, plan, init=init)
     hooi = int(plan.config.get("hooi_iters", 0) or 0)
     for entry in plan.factorized_layers:
-        try:
-            module = model.get_submodule(entry.path)
-        except AttributeError:
-            raise CompressionError(
-                f"plan does not match the model: it has no layer {entry.path!r}; was the plan made for {plan.model}?"
-            ) from None
-        if list(module.weight.shape) != list(entry.shape):
-            raise CompressionError(
-                f"plan does not match the model: {entry.path} has weight shape {list(module.weight.shape)}, "
-                f"the plan says {entry.shape}"
-            )
+        module = planned_module(model, entry, plan)
         if entry.action not in FACTORIZATIONS:
             raise CompressionError(f"plan names unknown factorization {entry.action!r} for {entry.path}")
         fact = factorization(entry.action, hooi_iters=hooi)

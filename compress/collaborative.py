@@ -82,6 +82,7 @@ from compress.api import (
     _set_submodule,
     apply_plan_,
     check_flops,
+    planned_module,
     register_applier,
     register_method,
     register_planner,
@@ -1449,16 +1450,8 @@ def _plan_collaborative(
 
 # ================================================================================================ applying
 def _check_conv(model: nn.Module, entry: LayerPlan, plan: Plan) -> nn.Conv2d:
-    try:
-        module = model.get_submodule(entry.path)
-    except AttributeError:
-        raise CompressionError(
-            f"plan does not match the model: it has no layer {entry.path!r}; was the plan made for {plan.model}?"
-        ) from None
-    if not isinstance(module, nn.Conv2d) or list(module.weight.shape) != list(entry.shape):
-        raise CompressionError(
-            f"plan does not match the model: {entry.path} is not a Conv2d of weight shape {entry.shape}"
-        )
+    module = planned_module(model, entry, plan, (nn.Conv2d,))
+    assert isinstance(module, nn.Conv2d)
     return module
 
 

@@ -45,12 +45,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.api import FilterFn, check_flops, register_applier, register_method, register_planner
+from compress.api import (
+    FilterFn,
+    _keep_entry,
+    check_flops,
+    planned_module,
+    register_applier,
+    register_method,
+    register_planner,
+)
 from compress.decompose import unfold_spatial
 from compress.errors import CompressionError, UserInputError
 from compress.lowrank import LayerGeometry, dense_macs, factorization
 from compress.metrics import count_params, trace_geometry
-from compress.plan import KEEP, LayerPlan, Plan
+from compress.plan import LayerPlan, Plan
 
 __all__ = [
     "JOINT_METHODS",
@@ -705,25 +713,6 @@ def _bisect_rho(ratio_at: Callable[[Fraction], float], target: float) -> tuple[F
     return best, abs(ratio_at(best) / target - 1)
 
 
-def _keep_entry(path: str, module: nn.Module, geom: LayerGeometry | None, reason: str) -> LayerPlan:
-    params = int(module.weight.numel()) + _bias(module)
-    macs = dense_macs(module, geom) if geom is not None else 0
-    return LayerPlan(
-        path=path,
-        type=type(module).__name__,
-        shape=list(module.weight.shape),
-        action=KEEP,
-        ranks=None,
-        reason=reason,
-        params_before=params,
-        params_after=params,
-        macs_before=macs,
-        macs_after=macs,
-        in_hw=[int(v) for v in geom.in_hw] if geom and geom.in_hw else None,
-        out_hw=[int(v) for v in geom.out_hw] if geom and geom.out_hw else None,
-    )
-
-
 # ================================================================================================ applying
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
@@ -771,19 +760,7 @@ def apply_joint_plan(model: nn.Module, plan: Plan, *, init: str = "decompose") -
     """
     iters = int(plan.config.get("bi_iters", 30) or 30)
     for entries in _entries_by_group(plan):
-        modules = []
-        for entry in entries:
-            try:
-                module = model.get_submodule(entry.path)
-            except AttributeError:
-                raise CompressionError(
-                    f"plan does not match the model: it has no layer {entry.path!r}; was the plan made for {plan.model}?"
-                ) from None
-            if not isinstance(module, nn.Conv2d) or list(module.weight.shape) != list(entry.shape):
-                raise CompressionError(
-                    f"plan does not match the model: {entry.path} is not a Conv2d of weight shape {entry.shape}"
-                )
-            modules.append(module)
+        modules = [planned_module(model, entry, plan, (nn.Conv2d,)) for entry in entries]
         action = entries[0].action
         ranks = [tuple(int(r) for r in e.ranks or ()) for e in entries]
         if len(set(ranks)) != 1:

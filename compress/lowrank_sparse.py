@@ -47,6 +47,7 @@ from compress.api import (
     _set_submodule,
     check_flops,
     plan_compression,
+    planned_module,
     register_applier,
     register_method,
     register_planner,
@@ -1223,16 +1224,7 @@ def _retotal(plan: Plan, total_params: int, total_macs: int) -> None:
 
 # ================================================================================================ applying
 def _check_entry(model: nn.Module, entry: LayerPlan, plan: Plan) -> nn.Module:
-    try:
-        module = model.get_submodule(entry.path)
-    except AttributeError:
-        raise CompressionError(
-            f"plan does not match the model: it has no layer {entry.path!r}; was the plan made for {plan.model}?"
-        ) from None
-    if not isinstance(module, (nn.Conv2d, nn.Linear)) or list(module.weight.shape) != list(entry.shape):
-        raise CompressionError(
-            f"plan does not match the model: {entry.path} is not a Conv2d/Linear of weight shape {entry.shape}"
-        )
+    module = planned_module(model, entry, plan)
     return module
 
 
