@@ -16,6 +16,7 @@ questions with the same budget, so they share this code:
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import tempfile
 import time
@@ -194,9 +195,13 @@ def cpu_name() -> str:
 
 def environment(ort_threads: int | None) -> dict[str, Any]:
     """What a result file records about the machine it was measured on."""
+    import onnxruntime
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu_count": os.cpu_count(),
         "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "ort_threads": ort_threads,
