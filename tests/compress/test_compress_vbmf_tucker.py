@@ -165,14 +165,14 @@ def test_orthogonality_without_expansion_regularizes_every_weight() -> None:
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
     reg = OrthogonalityRegularizer(weight=1.0, milestones=(), off_after=1.0)
     expected = sum(soft_orthogonality(m.weight.reshape(m.weight.shape[0], -1)) for m in (model[0], model[3]))
-    assert float(reg.penalty(model).detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert float(reg.penalty(model).detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     with torch.no_grad():
         for m in (model[0], model[3]):
             nn.init.orthogonal_(m.weight)  # rows (8 ≤ 36) or columns (8 > 3) orthonormal
-    assert float(reg.penalty(model)) < 1e-10
+    assert float(reg.penalty(model).detach()) < 1e-10
     expanded = nn.Sequential(ExpandedConv2d(nn.Conv2d(4, 8, 3), expansion=2))
-    only_chain = sum(soft_orthogonality(m) for m in expanded[0].factor_matrices())
-    assert float(reg.penalty(expanded)) == pytest.approx(float(only_chain), rel=1e-6)
+    only_chain = sum(soft_orthogonality(m).detach() for m in expanded[0].factor_matrices())
+    assert float(reg.penalty(expanded).detach()) == pytest.approx(float(only_chain), rel=1e-6)
 
 
 @pytest.fixture(scope="module")
