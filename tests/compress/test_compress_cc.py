@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress import Plan, apply_plan_, method_config, plan_compression
+from compress.__main__ import cpu_rank_multiple
 from compress.collaborative import (
     DECOMP,
     MAX_RATE,
@@ -722,7 +723,7 @@ def test_cli_run_writes_a_cc_run_directory(tmp_path: Path) -> None:
     info = json.loads((run_dir / "compress.json").read_text())
     assert info["method"] == "cc"
     assert info["config"]["gamma"] == 0.8
-    assert info["config"]["round_to"] == 1  # --round-to auto keeps the paper's unrounded counts for cc
+    assert info["config"]["round_to"] == cpu_rank_multiple()  # --round-to auto aligns cc to the CPU's blocking too
     assert info["ratios"]["flops_reduction"] >= 0.4
     assert any(w == WEIGHT_ONLY_WARNING for w in info["warnings"])
     assert "WARNING: cc: no calibration data" in proc.stdout
@@ -778,7 +779,9 @@ def test_cli_options_map_onto_the_config() -> None:
         return _config(args)
 
     cfg = config("--method", "cc", "--flops", "0.4", "--cc-mode", "prune", "--cc-gamma", "0.5")
-    assert (cfg.flops, cfg.ratio, cfg.decompose, cfg.prune, cfg.gamma, cfg.round_to) == (0.4, None, False, True, 0.5, 1)
+    expected = (0.4, None, False, True, 0.5, cpu_rank_multiple())
+    assert (cfg.flops, cfg.ratio, cfg.decompose, cfg.prune, cfg.gamma, cfg.round_to) == expected
+    assert config("--method", "cc", "--round-to", "1").round_to == 1  # the paper's unrounded counts
     cfg = config("--method", "cc", "--cc-mode", "decompose", "--round-to", "8", "--calibration-samples", "64")
     assert (cfg.ratio, cfg.flops, cfg.prune, cfg.round_to, cfg.calibration_samples) == (4.0, None, False, 8, 64)
     with pytest.raises(UserInputError, match="--cc-gamma, --cc-weighting only apply to --method cc"):
