@@ -239,6 +239,9 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
          "parity": {"max_abs", "max_rel", "atol", "rtol"},   # compressed ONNX vs its PyTorch
          "parity_dense": {"max_abs", "max_rel"},              # dense ONNX vs its PyTorch
          "sparse_onnx": null | {"file", "onnx_bytes", "max_abs", "sparse_values", "n_sparse_initializers"},
+         "sparse_storage": null | {"params_values", "params_with_index", "ratio_values", "ratio_with_index",
+                                   "macs_sparse_kernel", "macs_2to4"},  # low-rank + sparse (LRSD) runs
+         "warnings": [the method's plan warnings, e.g. a weight-only fallback without calibration data],
          "ratios": {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency", "flops_reduction"},
          "weights_warning": str | null, "agreement": from compress.json,
          "accuracy": null (no DATA) | {"data", "n", "dense", "raw", "finetuned"}, each {"top1", "top5",
@@ -307,6 +310,8 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         },
         "parity_dense": {"max_abs": par_d.get("max_abs"), "max_rel": par_d.get("max_rel")},
         "sparse_onnx": _sparse_onnx(parity.get("sparse_onnx")),
+        "sparse_storage": _sparse_storage(comp.get("sparse_storage")),
+        "warnings": [str(w) for w in comp.get("warnings") or []],
         "ratios": ratios,
         "weights_warning": comp.get("weights_warning"),
         "agreement": comp.get("agreement"),
@@ -324,6 +329,7 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
     lines: list[str] = []
     if report.get("weights_warning"):
         lines += [f"> **WARNING: {report['weights_warning']}**", ""]
+    lines += [line for w in report.get("warnings") or [] for line in (f"> **WARNING: {w}**", "")]
     lines += [f"# {report['model']} — {report['method']}", ""]
     shape = report.get("input_shape")
     shape_text = "×".join(str(d) for d in shape) if shape else "?"
@@ -347,6 +353,20 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
             f"| ONNX MB, sparse initializers ({sparse['file']}) | | {_mb(sparse['onnx_bytes'])} | "
             f"{_x(_ratio(d['onnx_bytes'], sparse['onnx_bytes']))} |"
         )
+    storage = report.get("sparse_storage")
+    if storage:  # the exported graph stores S dense: say what a sparse format stores and a sparse kernel runs
+        lines += [
+            f"| stored values (L factors + non-zeros of S) | | {_si(storage['params_values'])} | {_x(storage['ratio_values'])} |",
+            f"| stored values + CSR index | | {_si(storage['params_with_index'])} | "
+            f"{_x(storage['ratio_with_index'])} |",
+            f"| MACs, sparse kernel | | {_si(storage['macs_sparse_kernel'])} | "
+            f"{_x(_ratio(d['macs'], storage['macs_sparse_kernel']))} |",
+        ]
+        if storage.get("macs_2to4"):
+            lines.append(
+                f"| MACs, 2:4 sparse tensor cores | | {_si(storage['macs_2to4'])} | "
+                f"{_x(_ratio(d['macs'], storage['macs_2to4']))} |"
+            )
     for q in ("p50", "p90", "p99"):
         dq, cq = d["latency_ms"][q], c["latency_ms"][q]
         lines.append(f"| {q} ms | {dq:.3f} | {cq:.3f} | {_x(_ratio(dq, cq))} |")
@@ -404,6 +424,14 @@ def _sparse_onnx(record: dict[str, Any] | None) -> dict[str, Any] | None:
     if not record:
         return None
     return {k: record.get(k) for k in ("file", "onnx_bytes", "max_abs", "sparse_values", "n_sparse_initializers")}
+
+
+def _sparse_storage(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """LRSD's honest storage and cost record from compress.json (None for methods without a sparse part)."""
+    if not record:
+        return None
+    keys = ("params_values", "params_with_index", "ratio_values", "ratio_with_index", "macs_sparse_kernel", "macs_2to4")
+    return {k: record.get(k) for k in keys}
 
 
 def _accuracy(record: Any) -> dict[str, Any] | None:

@@ -125,9 +125,11 @@ def test_report_schema_and_ratios(run_dir, fake_result):
         "env",
     }
     extras = {"ratios", "weights_warning", "agreement", "accuracy", "parity_dense", "artifacts", "batch"}
-    assert set(on_disk) == contract | extras | {"sparse_onnx"}
+    assert set(on_disk) == contract | extras | {"sparse_onnx", "sparse_storage", "warnings"}
     assert on_disk["accuracy"] is None  # no DATA given
     assert on_disk["sparse_onnx"] is None  # no mostly-zero weights, no sparse copy
+    assert on_disk["sparse_storage"] is None  # not a low-rank + sparse run
+    assert on_disk["warnings"] == []
     comp = json.loads((run_dir / "compress.json").read_text())
     assert (on_disk["model"], on_disk["method"], on_disk["weights"]) == ("tiny", "tucker2", "random")
     assert on_disk["input_shape"] == [1, 3, 8, 8]
@@ -183,6 +185,37 @@ def test_report_markdown(run_dir, fake_result):
     assert "max_abs 3e-06" in md
     assert "![latency](latency.png)" in md
     assert "TestCPU" in md
+
+
+def test_report_shows_plan_warnings_and_sparse_storage(run_dir, fake_result):
+    """An LRSD run: the weight-only warning and the stored-values / sparse-kernel figures reach report.md."""
+    comp = json.loads((run_dir / "compress.json").read_text())
+    comp["warnings"] = ["no calibration data: solved the weight-only problem"]
+    comp["sparse_storage"] = {
+        "params_values": 100,
+        "params_with_index": 200,
+        "params_dense_storage": 1000,
+        "ratio_values": 10.0,
+        "ratio_with_index": 5.0,
+        "macs_executed": comp["compressed"]["macs"],
+        "macs_sparse_kernel": comp["dense"]["macs"] // 4,
+        "macs_2to4": None,
+        "note": "dense with zeros",
+    }
+    (run_dir / "compress.json").write_text(json.dumps(comp))
+    _with_latency(run_dir, fake_result)
+    report = write_report(run_dir)
+    assert report["warnings"] == comp["warnings"]
+    assert report["sparse_storage"]["ratio_values"] == 10.0
+    assert "note" not in report["sparse_storage"]
+    md = (run_dir / "report.md").read_text()
+    assert "> **WARNING: no calibration data: solved the weight-only problem**" in md
+    assert "| stored values (L factors + non-zeros of S) | | 100 | 10.00× |" in md
+    assert "| stored values + CSR index | | 200 | 5.00× |" in md
+    expected = comp["dense"]["macs"] / (comp["dense"]["macs"] // 4)
+    row = next(line for line in md.splitlines() if line.startswith("| MACs, sparse kernel |"))
+    assert row.endswith(f"| {expected:.2f}× |")
+    assert "2:4" not in md
 
 
 def test_report_without_weights_warning(run_dir, fake_result):
