@@ -4,7 +4,8 @@ Every method's accuracy benchmark (Tucker-2 reference, joint SVD, LRSD, CC, …)
 questions with the same budget, so they share this code:
 
 * :func:`trained_dense` trains (or reloads, from a cache folder with a resumable checkpoint) the dense
-  model on the dataset;
+  model on the dataset; :func:`dense_baseline` does it for a model/dataset pair by name, in the cache
+  folder layout every claims script shares, and measures the dense accuracy;
 * :func:`compress_and_finetune` applies one compression variant to a copy, measures raw accuracy,
   fine-tunes with the given budget, measures again, and records params/MACs/wall times;
 * :func:`ort_latency` exports every model through the project's export pipeline (BN folded, parity
@@ -18,9 +19,11 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +32,14 @@ from torch import nn
 
 from compress.data import Dataset
 from compress.metrics import count_macs, count_params
-from compress.train import TrainConfig, Trainer, evaluate
+from compress.train import Accuracy, TrainConfig, Trainer, evaluate
 
 __all__ = [
+    "DenseBaseline",
     "ci_text",
     "compress_and_finetune",
     "cpu_name",
+    "dense_baseline",
     "environment",
     "mcnemar",
     "ort_latency",
@@ -59,6 +64,60 @@ def trained_dense(
     record["wall_s_this_call"] = time.perf_counter() - t0
     record["train_wall_s"] = sum(e["wall_s"] for e in result.history)
     return record
+
+
+@dataclass
+class DenseBaseline:
+    """The trained dense model of a claims benchmark and what was measured on it."""
+
+    prepared: Any  # compress.workflow.Prepared: the loaded model spec and the dataset
+    train_config: TrainConfig
+    training: dict[str, Any]  # :func:`trained_dense`'s record
+    accuracy: Accuracy
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained dense model (in eval mode)."""
+        return self.prepared.loaded.model
+
+    @property
+    def data(self) -> Dataset:
+        """The dataset (training subset and test split)."""
+        return self.prepared.data
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The model's batch-1 input shape."""
+        return (1, *self.prepared.loaded.input_shape)
+
+
+def dense_baseline(
+    model_name: str,
+    data_name: str,
+    *,
+    epochs: int,
+    seed: int,
+    train_samples: int | None,
+    cache_root: Path,
+    label: str = "",
+) -> DenseBaseline:
+    """Load ``model_name`` with random init, train it (cached in ``cache_root``), evaluate it on the test split.
+
+    The cache folder is ``<cache_root>/<model>/train-<data>-n<train images>-e<epochs>-s<seed>``, so every
+    script asking for the same dense training reuses it.
+    """
+    from compress.workflow import prepare
+
+    prepared = prepare(model_name, "random", data_name, seed=seed, train_samples=train_samples)
+    dense, data = prepared.loaded.model, prepared.data
+    train_config = TrainConfig(epochs=epochs, seed=seed)
+    cache = cache_root / prepared.loaded.name / f"train-{data.info.name}-n{len(data.train)}-e{epochs}-s{seed}"
+    meta = {"model_spec": prepared.loaded.spec, "data": data.info.name, "weights": "random-init"}
+    print(f"{label}dense training ({epochs} epochs on {len(data.train)} images, cached in {cache}) …", file=sys.stderr)
+    training = trained_dense(dense, data, train_config, cache, meta=meta)
+    accuracy = evaluate(dense, data.test)
+    print(f"{label}dense: {accuracy}", file=sys.stderr)
+    return DenseBaseline(prepared, train_config, training, accuracy)
 
 
 def compress_and_finetune(
@@ -211,8 +270,6 @@ def environment(ort_threads: int | None) -> dict[str, Any]:
 
 def write_results(out: Path, result: dict[str, Any], markdown: str) -> None:
     """``out`` (JSON, atomically) and its ``.md`` twin with the README tables; echo the tables to stderr."""
-    import sys
-
     from compress._io import atomic_path, atomic_write_json
 
     atomic_write_json(out, result)

@@ -35,20 +35,19 @@ from torch import nn
 from compress.api import compress_, method_config
 from compress.collaborative import CollaborativeConfig, cc_compress_, gradient_batches
 from compress.metrics import count_macs, count_params
-from compress.train import TrainConfig, evaluate
-from compress.workflow import prepare
+from compress.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_harness import (
     ci_text,
     compress_and_finetune,
+    dense_baseline,
     environment,
     mcnemar,
     ort_latency,
     pct,
     predictions,
     speedup_text,
-    trained_dense,
     write_results,
 )
 
@@ -57,27 +56,24 @@ ARMS = ["CC", "pruning-only", "decomposition-only", "Tucker-2"]
 
 def _op_counts(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     from export import onnx_from_torch, optimize
+    from export.onnx import graph_summary
 
-    proto = optimize(onnx_from_torch(model.eval(), torch.zeros(input_shape)))
-    counts: dict[str, int] = {}
-    for node in proto.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+    return graph_summary(optimize(onnx_from_torch(model.eval(), torch.zeros(input_shape))))["node_counts"]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Steps 1–4 (see the module docstring)."""
-    prepared = prepare(args.model, "random", args.data, seed=args.seed, train_samples=args.train_samples)
-    dense, data = prepared.loaded.model, prepared.data
-    input_shape = (1, *prepared.loaded.input_shape)
+    baseline = dense_baseline(
+        args.model,
+        args.data,
+        epochs=args.epochs,
+        seed=args.seed,
+        train_samples=args.train_samples,
+        cache_root=args.cache,
+    )
+    prepared, dense, data, input_shape = baseline.prepared, baseline.model, baseline.data, baseline.input_shape
     example = torch.zeros(input_shape)
-    train_cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
-    cache = args.cache / prepared.loaded.name / f"train-{data.info.name}-n{len(data.train)}-e{args.epochs}-s{args.seed}"
-    meta = {"model_spec": prepared.loaded.spec, "data": data.info.name, "weights": "random-init"}
-    print(f"dense training ({args.epochs} epochs, cached in {cache}) …", file=sys.stderr)
-    training = trained_dense(dense, data, train_cfg, cache, meta=meta)
-    dense_acc = evaluate(dense, data.test)
-    print(f"dense: {dense_acc}", file=sys.stderr)
+    train_cfg, training, dense_acc = baseline.train_config, baseline.training, baseline.accuracy
     batches = gradient_batches(data.train, args.calibration_samples, seed=args.seed)
     dense_params, dense_macs = count_params(dense), count_macs(dense, example)
     rows: dict[str, Any] = {

@@ -42,20 +42,19 @@ from torch import nn
 from compress.api import compress_, method_config
 from compress.joint_svd import norm_params
 from compress.metrics import count_macs, count_params
-from compress.train import TrainConfig, evaluate
-from compress.workflow import prepare
+from compress.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_harness import (
     ci_text,
     compress_and_finetune,
+    dense_baseline,
     environment,
     mcnemar,
     ort_latency,
     pct,
     predictions,
     speedup_text,
-    trained_dense,
     write_results,
 )
 
@@ -105,25 +104,24 @@ def shared_factors_intact(model: nn.Module, plan: Any) -> dict[str, Any]:
     return {"groups": len(groups), "broken": broken}
 
 
-def _dense_training(args: argparse.Namespace, prepared: Any) -> tuple[nn.Module, dict[str, Any]]:
-    dense, data = prepared.loaded.model, prepared.data
-    train_cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
-    tag = f"n{len(data.train)}-e{args.epochs}-s{args.seed}"
-    cache = args.cache / prepared.loaded.name / f"train-{data.info.name}-{tag}"
-    meta = {"model_spec": prepared.loaded.spec, "data": data.info.name, "weights": "random-init"}
-    print(f"dense training ({args.epochs} epochs on {len(data.train)} images, cached in {cache}) …", file=sys.stderr)
-    training = trained_dense(dense, data, train_cfg, cache, meta=meta)
-    return dense, {"config": train_cfg.to_dict(), **training}
-
-
 def run_fmnist(args: argparse.Namespace) -> dict[str, Any]:
     """Steps 1–5 (see the module docstring)."""
-    prepared = prepare(args.model, "random", args.data, seed=args.seed, train_samples=args.train_samples)
-    data = prepared.data
-    example = torch.zeros(1, *prepared.loaded.input_shape)
-    dense, training = _dense_training(args, prepared)
-    dense_acc = evaluate(dense, data.test)
-    print(f"dense: {dense_acc}", file=sys.stderr)
+    baseline = dense_baseline(
+        args.model,
+        args.data,
+        epochs=args.epochs,
+        seed=args.seed,
+        train_samples=args.train_samples,
+        cache_root=args.cache,
+    )
+    prepared, dense, data, training, dense_acc = (
+        baseline.prepared,
+        baseline.model,
+        baseline.data,
+        baseline.training,
+        baseline.accuracy,
+    )
+    example = torch.zeros(baseline.input_shape)
     dense_params, bn = count_params(dense), norm_params(dense)
     rows: dict[str, Any] = {
         "dense": {
@@ -186,7 +184,7 @@ def run_fmnist(args: argparse.Namespace) -> dict[str, Any]:
     if args.latency_s > 0:
         print("ORT latency, all models interleaved …", file=sys.stderr)
         latency = ort_latency(
-            models, (1, *prepared.loaded.input_shape), duration_s=args.latency_s * len(models), threads=args.threads
+            models, baseline.input_shape, duration_s=args.latency_s * len(models), threads=args.threads
         )
         for name, row in latency.items():
             rows[name]["ort"] = row
@@ -194,7 +192,7 @@ def run_fmnist(args: argparse.Namespace) -> dict[str, Any]:
         "model": prepared.loaded.name,
         "data": data.info.to_dict(),
         "train_samples": len(data.train),
-        "dense_training": training["config"],
+        "dense_training": baseline.train_config.to_dict(),
         "dense_train_history": training.get("history"),
         "finetune": finetune.to_dict(),
         "rows": rows,

@@ -36,20 +36,19 @@ from torch import nn
 
 from compress.lowrank_sparse import LowRankSparseConfig, calibration_batches, lrsd_compress_
 from compress.metrics import count_macs, count_params
-from compress.train import TrainConfig, evaluate
-from compress.workflow import prepare
+from compress.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_harness import (
     ci_text,
     compress_and_finetune,
+    dense_baseline,
     environment,
     mcnemar,
     ort_latency,
     pct,
     predictions,
     speedup_text,
-    trained_dense,
     write_results,
 )
 
@@ -73,17 +72,18 @@ def sparse_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[st
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Steps 1–4 for one model."""
-    prepared = prepare(name, "random", args.data, seed=args.seed, train_samples=args.train_samples)
-    dense, data = prepared.loaded.model, prepared.data
-    input_shape = (1, *prepared.loaded.input_shape)
+    baseline = dense_baseline(
+        name,
+        args.data,
+        epochs=args.epochs,
+        seed=args.seed,
+        train_samples=args.train_samples,
+        cache_root=args.cache,
+        label=f"[{name}] ",
+    )
+    prepared, dense, data, input_shape = baseline.prepared, baseline.model, baseline.data, baseline.input_shape
     example = torch.zeros(input_shape)
-    train_cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
-    cache = args.cache / prepared.loaded.name / f"train-{data.info.name}-n{len(data.train)}-e{args.epochs}-s{args.seed}"
-    meta = {"model_spec": prepared.loaded.spec, "data": data.info.name, "weights": "random-init"}
-    print(f"[{name}] dense training ({args.epochs} epochs, cached in {cache}) …", file=sys.stderr)
-    training = trained_dense(dense, data, train_cfg, cache, meta=meta)
-    dense_acc = evaluate(dense, data.test)
-    print(f"[{name}] dense: {dense_acc}", file=sys.stderr)
+    train_cfg, training, dense_acc = baseline.train_config, baseline.training, baseline.accuracy
     batches = calibration_batches(data.train, args.calibration_samples, 64, seed=args.seed)
     dense_params = count_params(dense)
     rows: dict[str, Any] = {

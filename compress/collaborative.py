@@ -1449,12 +1449,6 @@ def _plan_collaborative(
 
 
 # ================================================================================================ applying
-def _check_conv(model: nn.Module, entry: LayerPlan, plan: Plan) -> nn.Conv2d:
-    module = planned_module(model, entry, plan, (nn.Conv2d,))
-    assert isinstance(module, nn.Conv2d)
-    return module
-
-
 def _indices(value: Any, n: int, what: str) -> list[int] | None:
     if value is None:
         return None
@@ -1553,7 +1547,7 @@ def _apply_cc(model: nn.Module, plan: Plan, *, init: str = "decompose") -> nn.Mo
             raise CompressionError(
                 f"plan names unknown cc action {e.action!r} for {e.path}; expected {PRUNE} or {DECOMP}"
             )
-    convs = {e.path: _check_conv(model, e, plan) for e in todo}
+    convs = {e.path: planned_module(model, e, plan, (nn.Conv2d,)) for e in todo}
     norms: dict[str, list[int]] = {}
     for e in todo:
         out_keep = e.info.get("out_keep")

@@ -48,6 +48,7 @@ from torch import nn
 from compress.api import (
     FilterFn,
     _keep_entry,
+    _set_submodule,
     check_flops,
     planned_module,
     register_applier,
@@ -714,12 +715,6 @@ def _bisect_rho(ratio_at: Callable[[Fraction], float], target: float) -> tuple[F
 
 
 # ================================================================================================ applying
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, leaf, new)
-
-
 def _rel(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(ref - approx) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
 

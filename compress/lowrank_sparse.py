@@ -1223,11 +1223,6 @@ def _retotal(plan: Plan, total_params: int, total_macs: int) -> None:
 
 
 # ================================================================================================ applying
-def _check_entry(model: nn.Module, entry: LayerPlan, plan: Plan) -> nn.Module:
-    module = planned_module(model, entry, plan)
-    return module
-
-
 def _solver_options(cfg: LowRankSparseConfig) -> dict[str, Any]:
     return {
         "s_step": cfg.s_step,
@@ -1314,7 +1309,7 @@ def _apply_lrsd(model: nn.Module, plan: Plan, *, init: str = "decompose") -> nn.
     if init == "decompose" and plan.factorized_layers and WEIGHT_ONLY_WARNING not in plan.warnings:
         plan.warnings.append(WEIGHT_ONLY_WARNING)
     for entry in plan.factorized_layers:
-        module = _check_entry(model, entry, plan)
+        module = planned_module(model, entry, plan)
         if init == "empty":
             rank = int(entry.ranks[0]) if entry.ranks else 0
             new = LowRankSparse.build(module, rank, int(entry.info.get("cardinality", 0)))
@@ -1389,7 +1384,7 @@ def lrsd_compress_(
     if batches is None:
         plan.warnings.append(WEIGHT_ONLY_WARNING)
         for entry in plan.factorized_layers:
-            module = _check_entry(model, entry, plan)
+            module = planned_module(model, entry, plan)
             _set_submodule(model, entry.path, _solve_layer(module, entry, None, config, search=search))
     else:
         _, order, _ = trace_geometry(model, example_input)
@@ -1405,7 +1400,7 @@ def lrsd_compress_(
                     positions_per_image=config.positions_per_image,
                     seed=config.seed,
                 )[path]
-                module = _check_entry(model, plan.layer(path), plan)
+                module = planned_module(model, plan.layer(path), plan)
                 _set_submodule(model, path, _solve_layer(module, plan.layer(path), stats, config, search=search))
         else:
             # symmetric: every layer sees dense inputs, so replacements are installed only at the end;
@@ -1416,7 +1411,7 @@ def lrsd_compress_(
                     model, group, batches, positions_per_image=config.positions_per_image, seed=config.seed
                 )
                 for path in group:
-                    module = _check_entry(model, plan.layer(path), plan)
+                    module = planned_module(model, plan.layer(path), plan)
                     pending[path] = _solve_layer(module, plan.layer(path), group_stats.pop(path), config, search=search)
             for path, new in pending.items():
                 _set_submodule(model, path, new)
