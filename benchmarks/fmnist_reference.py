@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from compress._io import atomic_write_json
 from compress.api import compress_, method_config
 from compress.metrics import count_macs, count_params
 from compress.train import TrainConfig, evaluate
 from compress.workflow import prepare
+from lowrank_deploy.io import atomic_write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_harness import compress_and_finetune, ort_latency, trained_dense

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "env": capture_environment({"command": "benchmarks/gpu_latency.py"}),
         "rows": rows,
     }
-    from compress._io import atomic_write_json
+    from lowrank_deploy.io import atomic_write_json
 
     out = args.out or RESULTS / f"gpu_latency_{re.sub(r'[^A-Za-z0-9]+', '_', gpu_name).strip('_')}.json"
     atomic_write_json(out, record)

@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from compress._io import atomic_write_json
 from compress.api import compress_, method_config, plan_compression
-from compress.errors import CompressionError
 from compress.metrics import count_macs, count_params
 from compress.train import TrainConfig, evaluate
 from compress.vbmf_tucker import DenseTraining, train_overparameterized
 from compress.workflow import prepare
+from lowrank_deploy.errors import CompressionError
+from lowrank_deploy.io import atomic_write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_harness import compress_and_finetune, ort_latency

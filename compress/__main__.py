@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compress._cli import ArgumentParser, run_main
-from compress.errors import UserInputError
+from lowrank_deploy.cli import ArgumentParser, run_main
+from lowrank_deploy.errors import UserInputError
 
 PROG = "python -m compress"
 
@@ -488,11 +488,11 @@ def _train_dense(args: argparse.Namespace, loaded: Any, dataset: Any, method_con
 def _run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     import torch
 
-    from compress._io import ensure_writable_dir
     from compress.api import apply_plan_, plan_compression
     from compress.artifacts import save_run
     from compress.metrics import count_macs, count_params, output_agreement
     from compress.plan import Plan
+    from lowrank_deploy.io import ensure_writable_dir
 
     ensure_writable_dir(args.run_dir)
     config = _config(args) if plan_path is None else None

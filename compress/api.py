@@ -18,7 +18,6 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from compress.errors import CompressionError, UserInputError
 from compress.lowrank import (
     FACTORIZATIONS,
     Factorization,
@@ -29,6 +28,7 @@ from compress.lowrank import (
 from compress.metrics import count_macs, count_params, trace_geometry
 from compress.plan import KEEP, LayerPlan, Plan
 from compress.ranks import RANK_RULES, Candidate, EVBMFRule, rank_rule, select_ranks
+from lowrank_deploy.errors import CompressionError, UserInputError
 
 __all__ = [
     "METHODS",

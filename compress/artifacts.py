@@ -20,11 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from compress._io import atomic_path, atomic_write_json, ensure_writable_dir, read_json
 from compress.api import apply_plan_
-from compress.errors import UserInputError
 from compress.models import load_model
 from compress.plan import Plan
+from lowrank_deploy.errors import UserInputError
+from lowrank_deploy.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json
 
 __all__ = ["RunArtifacts", "load_run", "save_run"]
 

@@ -87,10 +87,10 @@ from compress.api import (
     register_method,
     register_planner,
 )
-from compress.errors import CompressionError, UserInputError
 from compress.lowrank import LayerGeometry
 from compress.metrics import count_macs, count_params, trace_geometry
 from compress.plan import KEEP, LayerPlan, Plan
+from lowrank_deploy.errors import CompressionError, UserInputError
 
 __all__ = [
     "DECOMP",

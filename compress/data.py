@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data
 
-from compress.errors import UserInputError
+from lowrank_deploy.errors import UserInputError
 
 __all__ = [
     "FASHION_MNIST",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.errors import CompressionError
+from lowrank_deploy.errors import CompressionError
 
 __all__ = [
     "CPFactors",

@@ -56,10 +56,10 @@ from compress.api import (
     register_planner,
 )
 from compress.decompose import unfold_spatial
-from compress.errors import CompressionError, UserInputError
 from compress.lowrank import LayerGeometry, dense_macs, factorization
 from compress.metrics import count_params, trace_geometry
 from compress.plan import LayerPlan, Plan
+from lowrank_deploy.errors import CompressionError, UserInputError
 
 __all__ = [
     "JOINT_METHODS",

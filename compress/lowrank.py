@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compress import decompose
-from compress.errors import CompressionError, UserInputError
+from lowrank_deploy.errors import CompressionError, UserInputError
 
 __all__ = [
     "FACTORIZATIONS",

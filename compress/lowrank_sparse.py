@@ -52,10 +52,10 @@ from compress.api import (
     register_method,
     register_planner,
 )
-from compress.errors import CompressionError, UserInputError
 from compress.lowrank import LayerGeometry, dense_macs
 from compress.metrics import count_macs, count_params, trace_geometry
 from compress.plan import LayerPlan, Plan
+from lowrank_deploy.errors import CompressionError, UserInputError
 
 __all__ = [
     "MAX_STATS_BYTES",

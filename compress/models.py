@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.errors import UserInputError
 from compress.zoo import create_model, is_zoo_spec, list_zoo_models, parse_zoo_name
+from lowrank_deploy.errors import UserInputError
 
 __all__ = ["LoadedModel", "list_models", "load_model", "load_state_dict_file"]
 

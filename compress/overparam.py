@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.errors import UserInputError
+from lowrank_deploy.errors import UserInputError
 
 __all__ = [
     "ExpandedConv2d",

@@ -22,9 +22,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compress.errors import CompressionError, UserInputError
 from compress.evbmf import evbmf_from_singular_values
 from compress.lowrank import Factorization, LayerGeometry
+from lowrank_deploy.errors import CompressionError, UserInputError
 
 __all__ = [
     "RANK_RULES",

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress._io import atomic_path, atomic_write_json
-from compress.errors import UserInputError
+from lowrank_deploy.errors import UserInputError
+from lowrank_deploy.io import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
     from compress.data import Split

@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from compress.api import LowRankConfig, _plan_lowrank, register_method, register_planner
-from compress.errors import UserInputError
+from lowrank_deploy.errors import UserInputError
 
 __all__ = ["DenseTraining", "VBMFTucker2Config", "train_overparameterized"]
 
@@ -148,10 +148,10 @@ def train_overparameterized(
     """
     from safetensors.torch import save_model
 
-    from compress._io import atomic_path, atomic_write_json
     from compress.metrics import count_params
     from compress.overparam import OrthogonalityRegularizer, collapse_, expand_
     from compress.workflow import TRAIN_JSON, WEIGHTS_FILE, evaluate_model, train_model
+    from lowrank_deploy.io import atomic_path, atomic_write_json
 
     regularizers = ()
     if recipe.orthogonality != "none" and recipe.orth_weight > 0:

@@ -24,11 +24,11 @@ from typing import Any
 
 from torch import nn
 
-from compress._io import atomic_path, atomic_write_json, ensure_writable_dir, read_json
 from compress.data import Dataset, load_data
-from compress.errors import UserInputError
 from compress.models import LoadedModel, load_model
 from compress.train import Accuracy, Regularizer, TrainConfig, Trainer, TrainResult, evaluate
+from lowrank_deploy.errors import UserInputError
+from lowrank_deploy.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json
 
 __all__ = ["Prepared", "evaluate_model", "finetune_run", "prepare", "train_model"]
 

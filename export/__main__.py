@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compress._cli import ArgumentParser, run_main
-from compress._io import atomic_write_json, ensure_writable_dir
-from compress.errors import ParityError, UserInputError
 from export.onnx import MIN_EXPORT_OPSET, graph_summary, load_onnx, onnx_from_torch, save_onnx
 from export.parity import DEFAULT_ATOL, DEFAULT_RTOL, check_onnx_parity
 from export.passes import optimize
+from lowrank_deploy.cli import ArgumentParser, run_main
+from lowrank_deploy.errors import ParityError, UserInputError
+from lowrank_deploy.io import atomic_write_json, ensure_writable_dir
 
 PROG = "python -m export"
 #: (key in parity.json, file name) for the two models of a run.

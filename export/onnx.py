@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from compress._io import atomic_path
-from compress.errors import ExportError, UserInputError
 from export._util import eval_mode, first_line
+from lowrank_deploy.errors import ExportError, UserInputError
+from lowrank_deploy.io import atomic_path
 
 if TYPE_CHECKING:
     import torch

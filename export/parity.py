@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compress.errors import ExportError, ParityError, UserInputError
 from export._util import eval_mode, first_line
+from lowrank_deploy.errors import ExportError, ParityError, UserInputError
 
 if TYPE_CHECKING:
     import onnx

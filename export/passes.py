@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from compress.errors import ExportError
 from export._util import first_line
+from lowrank_deploy.errors import ExportError
 
 __all__ = [
     "NOOP_RULES",

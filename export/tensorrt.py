@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compress._io import atomic_write_bytes, atomic_write_json, read_json
-from compress.errors import ExportError, RuntimeUnavailableError, UserInputError
+from lowrank_deploy.errors import ExportError, RuntimeUnavailableError, UserInputError
+from lowrank_deploy.io import atomic_write_bytes, atomic_write_json, read_json
 
 if TYPE_CHECKING:
     import onnx

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compress._cli import ArgumentParser, run_main
-from compress._io import atomic_write_json
-from compress.errors import RuntimeUnavailableError, UserInputError
+from lowrank_deploy.cli import ArgumentParser, run_main
+from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_deploy.io import atomic_write_json
 
 PROG = "runtime"
 
@@ -149,7 +149,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     record = write_latency(run_dir, result, env, backend=args.backend, batch=args.batch)
     gpu_compute = _gpu_compute(runners, result)
     if gpu_compute:
-        from compress._io import atomic_write_json
+        from lowrank_deploy.io import atomic_write_json
         from runtime.report import LATENCY_JSON
 
         record["gpu_compute"] = gpu_compute

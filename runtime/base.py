@@ -23,7 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from compress.errors import UserInputError
+from lowrank_deploy.errors import UserInputError
 
 Dim = int | str | None
 """One dimension of an input: a fixed size, or a symbolic name / ``None`` for a dynamic dimension."""
@@ -278,7 +278,7 @@ def available_backends() -> tuple[str, ...]:
     """Names of all registered runners, sorted.
 
     A name being listed means its module imports; whether its hardware or package is usable shows
-    on :meth:`Runner.activate`, which raises :class:`~compress.errors.RuntimeUnavailableError`.
+    on :meth:`Runner.activate`, which raises :class:`~lowrank_deploy.errors.RuntimeUnavailableError`.
     """
     _discover_runner_modules()
     return tuple(sorted(_RUNNERS))

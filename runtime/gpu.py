@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress.errors import RuntimeUnavailableError
+from lowrank_deploy.errors import RuntimeUnavailableError
 
 
 def _import_pynvml() -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.errors import RuntimeUnavailableError, UserInputError
+from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
 from runtime.base import Feed, Runner, TensorMeta, register_runner
 
 PROVIDERS: dict[str, str] = {

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from compress._io import atomic_path, atomic_write_json, atomic_write_text, read_json
-from compress.errors import UserInputError
+from lowrank_deploy.errors import UserInputError
+from lowrank_deploy.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from runtime.harness import BenchmarkResult
 
 LATENCY_JSON = "latency.json"
@@ -185,7 +185,7 @@ def plot_latency(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        from compress.errors import RuntimeUnavailableError
+        from lowrank_deploy.errors import RuntimeUnavailableError
 
         raise RuntimeUnavailableError(
             "latency plots need matplotlib; install it with `pip install matplotlib`"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compress.errors import RuntimeUnavailableError, UserInputError
+from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
 from runtime.base import Dim, Feed, Runner, TensorMeta, register_runner
 
 if TYPE_CHECKING:

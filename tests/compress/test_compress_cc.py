@@ -39,10 +39,10 @@ from compress.collaborative import (
     sensitivity_curve,
     unit_scores,
 )
-from compress.errors import CompressionError, UserInputError
 from compress.metrics import count_macs, count_params
 from compress.plan import KEEP
 from compress.zoo import create_model
+from lowrank_deploy.errors import CompressionError, UserInputError
 
 DT = torch.float64
 

@@ -140,8 +140,8 @@ def test_imagenet_weights_unavailable_is_an_error(monkeypatch: pytest.MonkeyPatc
     """WEIGHTS=imagenet fails clearly; WEIGHTS=auto falls back to random init with a recorded warning."""
     import torch.hub
 
-    from compress.errors import UserInputError
     from compress.models import load_model
+    from lowrank_deploy.errors import UserInputError
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
 

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from compress.errors import CompressionError
 from compress.evbmf import (
     EVBMFResult,
     conv_evbmf_ranks,
@@ -16,6 +15,7 @@ from compress.evbmf import (
     evbmf_tau_bar,
     weakened_rank,
 )
+from lowrank_deploy.errors import CompressionError
 
 SIGMA = 0.1
 

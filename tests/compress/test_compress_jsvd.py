@@ -18,7 +18,6 @@ from torch import nn
 
 from compress.api import apply_plan_, method_config, plan_compression
 from compress.decompose import fold_spatial, unfold_spatial
-from compress.errors import CompressionError, UserInputError
 from compress.joint_svd import (
     JointSVDConfig,
     ParallelSum,
@@ -30,6 +29,7 @@ from compress.joint_svd import (
 from compress.metrics import count_macs, count_params
 from compress.plan import Plan
 from compress.zoo import create_model
+from lowrank_deploy.errors import CompressionError, UserInputError
 
 X32 = torch.zeros(1, 3, 32, 32)
 

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from compress.api import apply_plan_, compress_, method_config, plan_compression
-from compress.errors import CompressionError, UserInputError
 from compress.overparam import ExpandedConv2d, OrthogonalityRegularizer, soft_orthogonality
 from compress.ranks import Candidate, rank_rule
 from compress.vbmf_tucker import DenseTraining, VBMFTucker2Config
 from compress.zoo import create_model
+from lowrank_deploy.errors import CompressionError, UserInputError
 
 
 def _planted(model: nn.Module, *, fraction: float = 0.4, noise: float = 0.02, seed: int = 0) -> nn.Module:

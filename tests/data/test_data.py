@@ -32,7 +32,7 @@ from compress.data import (
     load_data,
     read_idx,
 )
-from compress.errors import UserInputError
+from lowrank_deploy.errors import UserInputError
 
 FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(

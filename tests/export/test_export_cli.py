@@ -14,8 +14,8 @@ from export_helpers import SmallCNN, factorized_chain, randomize_bn_, seeded
 from onnx import numpy_helper
 
 import export.__main__ as cli
-from compress._cli import run_main
 from export import load_onnx, save_onnx
+from lowrank_deploy.cli import run_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,7 +67,7 @@ def install_run(monkeypatch):
     def install(run):
         def load_run(run_dir):
             if not Path(run_dir).is_dir():
-                from compress.errors import UserInputError
+                from lowrank_deploy.errors import UserInputError
 
                 raise UserInputError(f"run directory {str(run_dir)!r} does not exist")
             return run

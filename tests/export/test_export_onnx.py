@@ -27,7 +27,6 @@ from export_helpers import (
 from onnx import helper
 from torch import nn
 
-from compress.errors import UserInputError
 from export import (
     OnnxFromTorch,
     check_onnx_parity,
@@ -37,6 +36,7 @@ from export import (
     optimize,
     save_onnx,
 )
+from lowrank_deploy.errors import UserInputError
 
 TIGHT = {"atol": 1e-5, "rtol": 1e-4}  # small models: float32 rounding is ~1e-7 here
 

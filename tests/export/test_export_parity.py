@@ -16,8 +16,8 @@ import torch
 from export_helpers import SmallCNN, randomize_bn_, seeded
 from onnx import numpy_helper
 
-from compress.errors import ParityError, UserInputError
 from export import DEFAULT_ATOL, DEFAULT_RTOL, check_onnx_parity, compare_outputs, onnx_from_torch, optimize
+from lowrank_deploy.errors import ParityError, UserInputError
 
 # absdiff = [0, .25, 0, .0625, .5], reldiff = [0, .125, 0, inf, .0625]; all exactly representable.
 REF = np.array([1.0, 2.0, -4.0, 0.0, 8.0])

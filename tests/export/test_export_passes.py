@@ -23,7 +23,6 @@ from export_helpers import (
 )
 from onnx import TensorProto, helper
 
-from compress.errors import ExportError
 from export import (
     check_onnx_parity,
     cleanup,
@@ -35,6 +34,7 @@ from export import (
     remove_noops,
     reshape_to_flatten,
 )
+from lowrank_deploy.errors import ExportError
 
 EXACT = {"atol": 1e-5, "rtol": 1e-5}  # small hand-built graphs: folding changes only float32 rounding
 

@@ -17,8 +17,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.errors import ExportError, RuntimeUnavailableError, UserInputError
 from export import tensorrt as ettrt
+from lowrank_deploy.errors import ExportError, RuntimeUnavailableError, UserInputError
 
 GPU = {"name": "NVIDIA Fake GPU", "compute_capability": "8.9", "source": "test"}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress.errors import UserInputError
+from lowrank_deploy.errors import UserInputError
 from runtime import base
 from runtime.base import Runner, TensorMeta, available_backends, register_runner, runner_class
 
@@ -205,11 +205,11 @@ RUNTIME_IMPORTS = (
 
 
 def test_runtime_adds_no_heavy_imports():
-    # runtime needs compress.errors/_io/_cli; whatever importing those costs is compress's business.
-    baseline = _heavy_modules_after("import compress.errors, compress._io, compress._cli")
+    # runtime needs lowrank_deploy.errors/_io/_cli; whatever importing those costs is compress's business.
+    baseline = _heavy_modules_after("import lowrank_deploy.errors, lowrank_deploy.io, lowrank_deploy.cli")
     assert _heavy_modules_after(RUNTIME_IMPORTS) == baseline
 
 
 def test_import_runtime_is_light():
-    assert _heavy_modules_after("import compress.errors, compress._io, compress._cli") == set()
+    assert _heavy_modules_after("import lowrank_deploy.errors, lowrank_deploy.io, lowrank_deploy.cli") == set()
     assert _heavy_modules_after(RUNTIME_IMPORTS) == set()

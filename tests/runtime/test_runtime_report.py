@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from compress.errors import UserInputError
+from lowrank_deploy.errors import UserInputError
 from runtime.harness import BenchmarkConfig, benchmark
 from runtime.report import latency_record, plot_latency, write_latency, write_report
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compress.errors import UserInputError
+from lowrank_deploy.errors import UserInputError
 
 
 def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:

@@ -1,7 +1,7 @@
 """Command-line plumbing shared by ``python -m compress|export|runtime``.
 
 Follows Polygraphy's ``tools/_main.py``: a ``main(argv) -> int`` whose single expected-error type
-(:class:`~compress.errors.LowrankDeployError`) becomes one line on stderr and exit code 1. Argument
+(:class:`~lowrank_deploy.errors.LowrankDeployError`) becomes one line on stderr and exit code 1. Argument
 errors are one line too (exit 2), not argparse's usage block.
 """
 
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from compress.errors import LowrankDeployError
+from lowrank_deploy.errors import LowrankDeployError
 
 
 class ArgumentParser(argparse.ArgumentParser):
