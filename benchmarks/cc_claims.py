@@ -16,8 +16,8 @@ small scale on Fashion-MNIST with a CIFAR ResNet-56 (He et al., projection short
    side in one interleaved run.
 
 Usage (≈ 60 min on 2 idle CPU cores with the defaults; the dense training is cached):
-    python benchmarks/cc_claims.py
-    python benchmarks/cc_claims.py --render benchmarks/results/cc_claims.json   # tables only
+    python -m benchmarks.cc_claims
+    python -m benchmarks.cc_claims --render benchmarks/results/cc_claims.json   # tables only
 """
 
 from __future__ import annotations
@@ -32,13 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.api import compress_, method_config
-from compress.collaborative import CollaborativeConfig, cc_compress_, gradient_batches
-from compress.metrics import count_macs, count_params
-from compress.train import TrainConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_harness import (
+from benchmarks.accuracy_harness import (
     ci_text,
     compress_and_finetune,
     dense_baseline,
@@ -50,6 +44,10 @@ from accuracy_harness import (
     speedup_text,
     write_results,
 )
+from compress.api import compress_, method_config
+from compress.methods.cc import CollaborativeConfig, cc_compress_, gradient_batches
+from compress.metrics import count_macs, count_params
+from compress.train import TrainConfig
 
 ARMS = ["CC", "pruning-only", "decomposition-only", "Tucker-2"]
 
@@ -218,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "cc_claims",
-        "command": " ".join(["python", "benchmarks/cc_claims.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "benchmarks.cc_claims", *(argv if argv is not None else sys.argv[1:])]),
         "cc": run(args),
         "environment": environment(args.threads),
     }

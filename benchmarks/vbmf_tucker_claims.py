@@ -16,7 +16,7 @@ MACs, raw and fine-tuned accuracy on the whole test split (Wilson 95 % intervals
 latency of every model side by side in one interleaved run.
 
 Usage (≈ 35 min on 2 idle CPU cores with the defaults):
-    python benchmarks/vbmf_tucker_claims.py --out benchmarks/results/vbmf_tucker_claims.json
+    python -m benchmarks.vbmf_tucker_claims --out benchmarks/results/vbmf_tucker_claims.json
 """
 
 from __future__ import annotations
@@ -31,16 +31,14 @@ from typing import Any
 
 import torch
 
+from benchmarks.accuracy_harness import compress_and_finetune, ort_latency
 from compress.api import compress_, method_config, plan_compression
 from compress.metrics import count_macs, count_params
 from compress.train import TrainConfig, evaluate
-from compress.vbmf_tucker import DenseTraining, train_overparameterized
+from compress.methods.vbmf_tucker import DenseTraining, train_overparameterized
 from compress.workflow import prepare
 from lowrank_deploy.errors import CompressionError
 from lowrank_deploy.io import atomic_write_json
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_harness import compress_and_finetune, ort_latency
 
 ARMS = {
     "plain": DenseTraining(),
@@ -179,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             row["ort"] = latency.get(row["key"])
     result = {
         "benchmark": "vbmf_tucker_claims",
-        "command": " ".join(["python", "benchmarks/vbmf_tucker_claims.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "benchmarks.vbmf_tucker_claims", *(argv or sys.argv[1:])]),
         "model": args.model,
         "data": data.info.to_dict(),
         "train_samples": len(data.train),
@@ -209,7 +207,7 @@ def _pct(acc: dict[str, Any] | None) -> str:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    """The README tables of a result file (also: ``python benchmarks/vbmf_tucker_claims.py --render FILE``)."""
+    """The README tables of a result file (also: ``python -m benchmarks.vbmf_tucker_claims --render FILE``)."""
     lines = [
         "| dense arm | training | top-1 (95 % CI) | EVBMF at ω = 1: params ratio, Σ ranks |",
         "|---|---|---:|---:|",

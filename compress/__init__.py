@@ -13,24 +13,28 @@ from lowrank_deploy.errors import CompressionError, LowrankDeployError, UserInpu
 
 if TYPE_CHECKING:
     from compress.api import (
-        METHODS,
         LowRankConfig,
         apply_plan_,
         compress_,
+        get_method,
         method_config,
+        method_names,
         plan_compression,
-        register_method,
+        register,
     )
     from compress.plan import LayerPlan, Plan
+    from compress.targets import Target
 
 _LAZY = {
-    "METHODS": "compress.api",
     "LowRankConfig": "compress.api",
+    "Target": "compress.targets",
+    "get_method": "compress.api",
+    "method_names": "compress.api",
     "apply_plan_": "compress.api",
     "compress_": "compress.api",
     "method_config": "compress.api",
     "plan_compression": "compress.api",
-    "register_method": "compress.api",
+    "register": "compress.api",
     "LayerPlan": "compress.plan",
     "Plan": "compress.plan",
 }

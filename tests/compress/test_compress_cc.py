@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress import Plan, apply_plan_, method_config, plan_compression
-from compress.__main__ import cpu_rank_multiple
-from compress.collaborative import (
+from compress.methods import get_method
+from compress.methods.cc import (
     DECOMP,
     MAX_RATE,
     PRUNE,
@@ -40,11 +39,15 @@ from compress.collaborative import (
     unit_scores,
 )
 from compress.metrics import count_macs, count_params
-from compress.plan import KEEP
+from compress.plan import KEEP, Plan
+from compress.planning import cpu_rank_multiple
+from compress.targets import Target
 from compress.zoo import create_model
 from lowrank_deploy.errors import CompressionError, UserInputError
 
 DT = torch.float64
+CC = get_method("cc")
+apply_plan_ = CC.apply_  # the applier the registry dispatches cc plans to
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -115,6 +118,7 @@ def _cc_entries(plan: Plan) -> list:
         ({"flops": 1.5}, "FLOPS must be the fraction"),
         ({"flops": 0.0}, "FLOPS must be the fraction"),
         ({"ratio": 0.5}, "RATIO must be a number > 1"),
+        ({"ratio": math.inf}, "RATIO must be a number > 1"),
         ({"gamma": -1.0}, "gamma must be a finite number ≥ 0"),
         ({"weighting": "lambda"}, "weighting must be one of slope, lagrangian"),
         ({"decompose": False, "prune": False}, "needs decompose=True or prune=True"),
@@ -138,12 +142,16 @@ def test_target_resolution_and_round_trip() -> None:
     assert CollaborativeConfig().control == "flops"
     both = CollaborativeConfig(flops=0.3, ratio=4.0)  # flops wins, as for every method
     assert (both.flops, both.ratio, both.control) == (0.3, None, "flops")
-    by_ratio = method_config("cc")  # the CLI default: RATIO=4
+    default = CC.make_config()  # no target on the command line: CC's documented FLOPS=0.5, not RATIO=4
+    assert CC.default_target == Target("flops", 0.5)
+    assert (default.flops, default.ratio, default.control) == (0.5, None, "flops")
+    by_ratio = CC.make_config(Target("ratio", 4.0))
     assert (by_ratio.ratio, by_ratio.flops, by_ratio.control) == (4.0, None, "ratio")
-    cfg = method_config("cc", ratio=None, flops=0.4, gamma=0.5, decompose=False, exclude=("a.*",))
+    cfg = CC.make_config(Target("flops", 0.4), gamma=0.5, decompose=False, exclude=("a.*",))
     assert CollaborativeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert CC.config_from_plan(Plan("m", "cc", cfg.to_dict(), [1, 3, 8, 8], [])) == cfg
     with pytest.raises(UserInputError, match="does not take --rank-rule"):
-        method_config("cc", rank_rule="uniform")
+        CC.make_config(rank_rule="uniform")
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -413,9 +421,9 @@ def test_layer_accounting_is_the_codes_budget(weight_only_plan) -> None:
     assert layers.target["achieved_flops_reduction"] > plan.target["achieved_flops_reduction"]
 
 
-def test_plan_compression_is_the_weight_only_planner(weight_only_plan) -> None:
+def test_plan_without_data_is_the_weight_only_planner(weight_only_plan) -> None:
     model, plan = weight_only_plan
-    again = plan_compression(model, method_config("cc", ratio=None, flops=0.5), EXAMPLE, model_name="r20")
+    again = CC.plan(model, CC.make_config(), EXAMPLE, model_name="r20")
     assert again.to_dict() == plan.to_dict()
 
 
@@ -465,6 +473,36 @@ def test_saved_plan_rebuilds_the_architecture_on_a_fresh_model(data_case, tmp_pa
     again = apply_plan_(copy.deepcopy(dense), loaded)
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), compressed(x), rtol=1e-5, atol=1e-5)
+
+
+def test_registry_compress_takes_the_first_labelled_images_in_batches_of_128() -> None:
+    """``get_method("cc").compress_(..., data=loader)`` = the old entry point on the loader's first n images."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = _gen(12)
+    images, labels = torch.randn(170, 3, 16, 16, generator=gen), torch.randint(0, 10, (170,), generator=gen)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=48, shuffle=False)
+    config = CollaborativeConfig(flops=0.3, calibration_samples=150, curve_points=8)
+    dense = _resnet20(seed=12)
+    via_registry = copy.deepcopy(dense)
+    plan = CC.compress_(via_registry, config, EXAMPLE, data=loader, model_name="r20")
+    old = copy.deepcopy(dense)
+    batches = [(images[:128], labels[:128]), (images[128:150], labels[128:150])]  # gradient_batches(split, 150)
+    reference = cc_compress_(old, config, EXAMPLE, batches, model_name="r20")
+    assert plan.target["calibration"] == {**reference.target["calibration"], "images": 150, "batches": 2}
+    assert plan.to_dict() == reference.to_dict()
+    for (name, a), (_, b) in zip(via_registry.state_dict().items(), old.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    # fewer images than calibration_samples: all of them; no data: the weight-only fallback
+    few = CC.plan(dense, config, EXAMPLE, data=[(images[:20], labels[:20])], model_name="r20")
+    assert few.target["calibration"]["images"] == 20
+    assert WEIGHT_ONLY_WARNING in CC.plan(dense, config, EXAMPLE, model_name="r20").warnings
+    with pytest.raises(UserInputError, match="labelled calibration data"):
+        CC.plan(dense, config, EXAMPLE, data=[images[:20]])
+    # rebuild_ = the saved plan filled from the dense weights
+    rebuilt = CC.rebuild_(copy.deepcopy(dense), Plan.from_dict(plan.to_dict()))
+    for (name, a), (_, b) in zip(rebuilt.state_dict().items(), old.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _masked_reference(dense: nn.Module, plan: Plan) -> nn.Module:
@@ -772,20 +810,59 @@ def test_lagrangian_weighting_equalises_slope_per_mac() -> None:
 
 
 def test_cli_options_map_onto_the_config() -> None:
-    from compress.__main__ import _build_parser, _config
+    import argparse
 
-    def config(*extra: str):
-        args = _build_parser().parse_args(["run", "--model", "m", "--run-dir", "d", *extra])
-        return _config(args)
+    parser = argparse.ArgumentParser()
+    group = parser.add_argument_group("cc")
+    for option in CC.options:
+        option.add_to(group)
+    flags = {o.flag for o in CC.options}
+    assert {"--cc-gamma", "--cc-mode", "--cc-weighting", "--cc-curve-points"} <= flags  # today's spellings
+    assert {"--calibration-samples", "--round-to", "--exclude"} <= flags
 
-    cfg = config("--method", "cc", "--flops", "0.4", "--cc-mode", "prune", "--cc-gamma", "0.5")
+    def config(*extra: str, target: Target | None = None):
+        args = vars(parser.parse_args(list(extra)))
+        fields: dict = {}
+        for option in CC.options:
+            if args[option.dest] is not None:
+                fields.update(option.config_fields(args[option.dest]))
+        return CC.make_config(target, **fields)
+
+    cfg = config("--cc-mode", "prune", "--cc-gamma", "0.5", "--round-to", "auto", target=Target("flops", 0.4))
     expected = (0.4, None, False, True, 0.5, cpu_rank_multiple())
     assert (cfg.flops, cfg.ratio, cfg.decompose, cfg.prune, cfg.gamma, cfg.round_to) == expected
-    assert config("--method", "cc", "--round-to", "1").round_to == 1  # the paper's unrounded counts
-    cfg = config("--method", "cc", "--cc-mode", "decompose", "--round-to", "8", "--calibration-samples", "64")
-    assert (cfg.ratio, cfg.flops, cfg.prune, cfg.round_to, cfg.calibration_samples) == (4.0, None, False, 8, 64)
-    with pytest.raises(UserInputError, match="--cc-gamma, --cc-weighting only apply to --method cc"):
-        config("--method", "tucker2", "--cc-gamma", "0.5", "--cc-weighting", "slope")
+    assert config("--round-to", "1").round_to == 1  # the paper's unrounded counts
+    cfg = config("--cc-mode", "decompose", "--round-to", "8", "--calibration-samples", "64")
+    assert (cfg.ratio, cfg.flops, cfg.prune, cfg.round_to, cfg.calibration_samples) == (None, 0.5, False, 8, 64)
+    cfg = config("--cc-mode", "both", "--cc-weighting", "lagrangian", "--cc-curve-points", "0", "--exclude", "fc")
+    assert (cfg.decompose, cfg.prune, cfg.weighting, cfg.curve_points, cfg.exclude) == (
+        True,
+        True,
+        "lagrangian",
+        0,
+        ("fc",),
+    )
+    with pytest.raises(SystemExit):
+        config("--cc-mode", "neither")
+
+
+def test_cli_without_a_target_runs_at_flops_half() -> None:
+    """``python -m compress run --method cc`` with no target: CC's documented FLOPS=0.5 (was RATIO=4)."""
+    from compress.cli import build_parser
+    from compress.cli.options import config_from_args
+
+    def config(*extra: str):
+        return config_from_args(build_parser().parse_args(["run", "--model", "m", "--run-dir", "d", *extra]))
+
+    cfg = config("--method", "cc", "--cc-mode", "prune", "--cc-gamma", "0.5")
+    expected = (0.5, None, False, True, 0.5, cpu_rank_multiple())
+    assert (cfg.flops, cfg.ratio, cfg.decompose, cfg.prune, cfg.gamma, cfg.round_to) == expected
+    assert (config("--method", "cc", "--ratio", "3").ratio, config("--method", "cc", "--flops", "0.4").flops) == (
+        3,
+        0.4,
+    )
+    with pytest.raises(UserInputError, match="--cc-gamma does not apply to --method tucker2"):
+        config("--method", "tucker2", "--cc-gamma", "0.5")
 
 
 def test_a_plan_for_another_model_is_refused(weight_only_plan) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from compress.api import apply_plan_, compress_, method_config, plan_compression
 from compress.overparam import ExpandedConv2d, OrthogonalityRegularizer, soft_orthogonality
 from compress.ranks import Candidate, rank_rule
-from compress.vbmf_tucker import DenseTraining, VBMFTucker2Config
+from compress.methods.vbmf_tucker import DenseTraining, VBMFTucker2Config
 from compress.zoo import create_model
 from lowrank_deploy.errors import CompressionError, UserInputError
 
@@ -96,7 +96,7 @@ def test_random_weights_fall_back_to_the_ratio_knob_and_say_so() -> None:
 
 @pytest.mark.parametrize("ratio", [2.0, 4.0, 9.0])
 def test_param_reduction_rule_solves_musco_quadratic(ratio: float) -> None:
-    from compress.lowrank import LayerGeometry, factorization
+    from compress.factorizations import LayerGeometry, factorization
 
     conv = nn.Conv2d(32, 64, 3, padding=1)
     cand = Candidate("c", conv, factorization("tucker2"), LayerGeometry((8, 8), (8, 8)), 0, 0)
@@ -186,7 +186,7 @@ def test_overparameterized_training_collapses_to_the_same_function(tmp_path: Pat
     from safetensors.torch import load_model
 
     from compress.train import TrainConfig
-    from compress.vbmf_tucker import train_overparameterized
+    from compress.methods.vbmf_tucker import train_overparameterized
 
     model = create_model("cifar_resnet18_w0.25", num_classes=10, in_channels=1)
     recipe = DenseTraining(expansion=2, orthogonality="so", orth_weight=1e-4)

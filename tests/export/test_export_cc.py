@@ -12,7 +12,7 @@ from export_helpers import op_counts, ort_run, randomize_bn_, seeded
 from onnx import numpy_helper
 from torch import nn
 
-from compress.collaborative import DECOMP, ChannelSelect, CollaborativeConfig, cc_compress_
+from compress.methods.cc import DECOMP, ChannelSelect, CollaborativeConfig, cc_compress_
 from compress.metrics import count_macs
 from compress.zoo import create_model
 from export import check_onnx_parity, onnx_from_torch, optimize

@@ -9,7 +9,7 @@ The method ``vbmf-tucker2`` is the whole reconstructed pipeline of He, Jiang & W
 * stage D–E (planning/applying): per layer EVBMF ranks of the mode-0/mode-1 unfoldings, weakened by one
   global ω bisected to hit RATIO (MUSCO, §3.1/§3.3), rounded and clamped; Tucker-2 by HOSVD + HOOI
   (≤ 50 sweeps, stop at Δfit < 1e-6); 1×1 convs and FC layers by SVD with EVBMF ranks. This is
-  :class:`compress.api.LowRankConfig`'s planner with the method's defaults;
+  :class:`compress.methods.lowrank.LowRankConfig`'s planner with the method's defaults;
 * stage F: fine-tuning, optionally MUSCO-style in ``stages`` (compress a subset of layers, fine-tune,
   continue) — :func:`compress.workflow.finetune_run` reads ``stages`` from the plan's config.
 
@@ -28,7 +28,8 @@ from typing import Any
 
 from torch import nn
 
-from compress.api import LowRankConfig, _plan_lowrank, register_method, register_planner
+from compress.methods.base import Option, finite_float, nonneg_int, positive_int, register
+from compress.methods.lowrank import LowRankConfig, LowRankMethod
 from lowrank_deploy.errors import UserInputError
 
 __all__ = ["DenseTraining", "VBMFTucker2Config", "train_overparameterized"]
@@ -40,7 +41,7 @@ ORTHOGONALITY = ("so", "srip", "none")
 class VBMFTucker2Config(LowRankConfig):
     """``vbmf-tucker2``: EVBMF-ranked Tucker-2 (HOOI) after over-parameterized orthogonal training.
 
-    Attributes (beyond :class:`compress.api.LowRankConfig`'s, whose defaults change to EVBMF ranks,
+    Attributes (beyond :class:`compress.methods.lowrank.LowRankConfig`'s, whose defaults change to EVBMF ranks,
     ω = 0.8 without a ratio — MUSCO's default — and 50 HOOI sweeps):
         expansion: ExpandNets expansion rate of the training stage (0 = train the plain net).
         orthogonality: ``so`` (soft orthogonality), ``srip`` or ``none``.
@@ -121,8 +122,42 @@ class DenseTraining:
         }
 
 
-register_method("vbmf-tucker2", VBMFTucker2Config)
-register_planner(VBMFTucker2Config)(_plan_lowrank)
+class VBMFTucker2Method(LowRankMethod):
+    """``vbmf-tucker2``: the low-rank planner with EVBMF ranks, plus its own dense training stage."""
+
+    config_type = VBMFTucker2Config
+    options = (
+        *LowRankMethod.options,
+        Option("--expansion", "expansion", "ExpandNets rate of the training stage (default 4; 0 = off)", nonneg_int),
+        Option("--orthogonality", "orthogonality", "so (default) | srip | none: regularizer of the training stage"),
+        Option("--orth-weight", "orth_weight", "λ_orth at the start of training (default 1e-4)", finite_float),
+        Option("--stages", "stages", "MUSCO multi-stage fine-tuning in N groups", positive_int),
+    )
+    summary = "EVBMF-ranked Tucker-2 after over-parameterized orthogonal training (He et al. 2024, MUSCO)"
+
+    def training_tag(self, config: Any) -> str:
+        """``-x4-so1e-04``: the training folder is named after the recipe."""
+        return config.dense_training().tag()
+
+    def train_dense(
+        self,
+        model: nn.Module,
+        dataset: Any,
+        train_config: Any,
+        folder: Any,
+        *,
+        config: Any,
+        meta: dict[str, Any],
+        device: str = "auto",
+    ) -> dict[str, Any] | None:
+        """Stage A–C (expand, train with the orthogonality term, collapse); ``None`` for a plain recipe."""
+        recipe = config.dense_training()
+        if recipe.plain:
+            return None
+        return train_overparameterized(model, dataset, train_config, folder, recipe, meta=meta, device=device)
+
+
+register(VBMFTucker2Method("vbmf-tucker2"))
 
 
 def train_overparameterized(
