@@ -6,7 +6,7 @@ again, params, MACs, wall times; finally the ONNX Runtime CPU latency of all mod
 is the baseline every later method is compared with.
 
 Usage (≈ 12 min on 2 CPU cores):
-    python benchmarks/fmnist_reference.py --model cifar_resnet18_w0.25 --epochs 3 --ratios 4 10 \
+    python -m benchmarks.fmnist_reference --model cifar_resnet18_w0.25 --epochs 3 --ratios 4 10 \
         --finetune-epochs 1 --out benchmarks/results/fmnist_reference.json
 """
 
@@ -21,14 +21,12 @@ from typing import Any
 
 import torch
 
+from benchmarks.accuracy_harness import compress_and_finetune, ort_latency, trained_dense
 from compress.api import compress_, method_config
 from compress.metrics import count_macs, count_params
 from compress.train import TrainConfig, evaluate
 from compress.workflow import prepare
 from lowrank_deploy.io import atomic_write_json
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_harness import compress_and_finetune, ort_latency, trained_dense
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Batch 1 and 32, FP32 and FP16 (autocast), eager and CUDA graph; latency (host and CUDA-event GPU time)
 and GPU memory (torch + NVML).
 
-    python benchmarks/gpu_latency.py --run-dir artifacts/resnet34/tucker2 [--duration 5] [--out FILE.json]
+    python -m benchmarks.gpu_latency --run-dir artifacts/resnet34/tucker2 [--duration 5] [--out FILE.json]
 
 Writes benchmarks/results/gpu_latency_<gpu>.json with the GPU name and driver. Without CUDA it exits 1
 with a one-line message and writes nothing.
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "driver": nvml["driver"] if nvml else None,
         "nvml_unavailable": nvml_reason,
         "run_dir": str(args.run_dir),
-        "env": capture_environment({"command": "benchmarks/gpu_latency.py"}),
+        "env": capture_environment({"command": "python -m benchmarks.gpu_latency"}),
         "rows": rows,
     }
     from lowrank_deploy.io import atomic_write_json

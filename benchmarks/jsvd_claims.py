@@ -22,8 +22,8 @@ comparison at small scale on Fashion-MNIST with a CIFAR-style ResNet-34 of reduc
    against dense on ORT CPU (the paper's Fig. 6 question: is a factorized net really faster?).
 
 Usage (≈ 60–70 min on 2 idle CPU cores with the defaults; the dense training is cached):
-    python benchmarks/jsvd_claims.py
-    python benchmarks/jsvd_claims.py --render benchmarks/results/jsvd_claims.json   # tables only
+    python -m benchmarks.jsvd_claims
+    python -m benchmarks.jsvd_claims --render benchmarks/results/jsvd_claims.json   # tables only
 """
 
 from __future__ import annotations
@@ -39,13 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.api import compress_, method_config
-from compress.joint_svd import norm_params
-from compress.metrics import count_macs, count_params
-from compress.train import TrainConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_harness import (
+from benchmarks.accuracy_harness import (
     ci_text,
     compress_and_finetune,
     dense_baseline,
@@ -57,6 +51,10 @@ from accuracy_harness import (
     speedup_text,
     write_results,
 )
+from compress.api import compress_, method_config
+from compress.methods.jsvd import norm_params
+from compress.metrics import count_macs, count_params
+from compress.train import TrainConfig
 
 SCHEMES = ["tai", "tucker2", "ljsvd", "rjsvd1", "rjsvd2", "bijsvd"]
 JOINT = ["ljsvd", "rjsvd1", "rjsvd2", "bijsvd"]
@@ -366,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "jsvd_claims",
-        "command": " ".join(["python", "benchmarks/jsvd_claims.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "benchmarks.jsvd_claims", *(argv if argv is not None else sys.argv[1:])]),
         "fmnist": run_fmnist(args),
     }
     if args.imagenet_rho > 0:

@@ -18,8 +18,8 @@ with an FC-heavy head (``cifar_vgg11``):
    ONNX size dense and with sparse initializers, ORT CPU latency side by side.
 
 Usage (≈ 45–60 min on 2 idle CPU cores with the defaults; dense trainings are cached):
-    python benchmarks/lrsd_claims.py
-    python benchmarks/lrsd_claims.py --render benchmarks/results/lrsd_claims.json   # tables only
+    python -m benchmarks.lrsd_claims
+    python -m benchmarks.lrsd_claims --render benchmarks/results/lrsd_claims.json   # tables only
 """
 
 from __future__ import annotations
@@ -34,12 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.lowrank_sparse import LowRankSparseConfig, calibration_batches, lrsd_compress_
-from compress.metrics import count_macs, count_params
-from compress.train import TrainConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_harness import (
+from benchmarks.accuracy_harness import (
     ci_text,
     compress_and_finetune,
     dense_baseline,
@@ -51,6 +46,9 @@ from accuracy_harness import (
     speedup_text,
     write_results,
 )
+from compress.methods.lrsd import LowRankSparseConfig, calibration_batches, lrsd_compress_
+from compress.metrics import count_macs, count_params
+from compress.train import TrainConfig
 
 ARMS: dict[str, dict[str, Any]] = {
     "L+S": {"parts": "both"},
@@ -232,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "lrsd_claims",
-        "command": " ".join(["python", "benchmarks/lrsd_claims.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "benchmarks.lrsd_claims", *(argv if argv is not None else sys.argv[1:])]),
         "models": [run_model(name, args) for name in args.models],
         "environment": environment(args.threads),
     }

@@ -6,7 +6,7 @@ the speedups are ratios measured in one run on one machine. The JSON result goes
 ``benchmarks/results/``; the README quotes it.
 
 Usage:
-    python benchmarks/speedup_sweep.py --model resnet34 --ratio 4 --variants round8 round16 \
+    python -m benchmarks.speedup_sweep --model resnet34 --ratio 4 --variants round8 round16 \
         --duration 60 --out benchmarks/results/resnet34_tucker2_sweep.json
 """
 

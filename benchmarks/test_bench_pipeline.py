@@ -15,6 +15,8 @@ from compress.api import compress_, method_config
 from compress.models import load_model
 from export import onnx_from_torch, optimize, save_onnx
 
+pytestmark = pytest.mark.serial  # latency measurements: never share the CPU with xdist workers
+
 
 @pytest.fixture(scope="module")
 def resnet34():

@@ -33,9 +33,9 @@ import torch
 
 from benchmarks.accuracy_harness import compress_and_finetune, ort_latency
 from compress.api import compress_, method_config, plan_compression
+from compress.methods.vbmf_tucker import DenseTraining, train_overparameterized
 from compress.metrics import count_macs, count_params
 from compress.train import TrainConfig, evaluate
-from compress.methods.vbmf_tucker import DenseTraining, train_overparameterized
 from compress.workflow import prepare
 from lowrank_deploy.errors import CompressionError
 from lowrank_deploy.io import atomic_write_json

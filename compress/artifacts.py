@@ -24,14 +24,14 @@ from compress.api import apply_plan_
 from compress.models import load_model
 from compress.plan import Plan
 from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json
+from lowrank_deploy.io import atomic_path, ensure_writable_dir, read_json
+from lowrank_deploy.rundir import COMPRESS_JSON, DENSE_WEIGHTS, MODEL_WEIGHTS, PLAN_JSON, CompressRecord
 
 __all__ = ["RunArtifacts", "load_run", "save_run"]
 
-PLAN_FILE = "plan.json"
-INFO_FILE = "compress.json"
-DENSE_WEIGHTS = "dense.safetensors"
-MODEL_WEIGHTS = "model.safetensors"
+# File names of the run directory, defined once in lowrank_deploy.rundir.
+PLAN_FILE = PLAN_JSON
+INFO_FILE = COMPRESS_JSON
 
 
 @dataclass
@@ -53,12 +53,15 @@ class RunArtifacts:
 def save_run(
     run_dir: str | os.PathLike[str],
     *,
-    info: dict[str, Any],
+    info: dict[str, Any] | CompressRecord,
     plan: Plan,
     dense: nn.Module,
     compressed: nn.Module,
 ) -> Path:
-    """Write plan, weights and ``compress.json`` atomically into ``run_dir``."""
+    """Write plan, weights and ``compress.json`` (a :class:`~lowrank_deploy.rundir.CompressRecord`) into ``run_dir``.
+
+    Every file is written atomically; a dict ``info`` is validated as a ``CompressRecord`` first.
+    """
     from safetensors.torch import save_model
 
     folder = ensure_writable_dir(run_dir)
@@ -68,7 +71,8 @@ def save_run(
         # save_model de-duplicates tensors shared between modules (joint factors are stored once).
         save_model(compressed, str(tmp))
     plan.save(folder / PLAN_FILE)
-    atomic_write_json(folder / INFO_FILE, info)
+    record = info if isinstance(info, CompressRecord) else CompressRecord.from_dict(info)
+    record.write(folder / INFO_FILE)
     return folder
 
 

@@ -1,7 +1,7 @@
 """Pure decomposition functions: a weight tensor in, factor tensors out.
 
 Each function works in float64 on the CPU and returns factors in the *layer layout* of the stock
-``nn.Conv2d`` / ``nn.Linear`` chain that replaces the original layer (see :mod:`compress.lowrank`).
+``nn.Conv2d`` / ``nn.Linear`` chain that replaces the original layer (see :mod:`compress.factorizations`).
 Shapes follow PyTorch: a conv kernel is ``(T, S, kh, kw)`` = (out, in, kernel h, kernel w).
 
 Why Tucker-2 is written here rather than called from tensorly: ``tensorly.decomposition.partial_tucker``

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from compress.lowrank import LayerGeometry
+from compress.factorizations import LayerGeometry
 
 __all__ = ["Agreement", "count_macs", "count_params", "output_agreement", "trace_geometry"]
 
@@ -94,8 +94,8 @@ def output_agreement(dense: nn.Module, compressed: nn.Module, inputs: torch.Tens
     compressed.eval()
     try:
         with torch.no_grad():
-            y = dense(inputs).double().flatten(1)
-            y_hat = compressed(inputs).double().flatten(1)
+            y = _flat_outputs(dense(inputs))
+            y_hat = _flat_outputs(compressed(inputs))
     finally:
         dense.train(dense_mode)
         compressed.train(comp_mode)
@@ -105,3 +105,10 @@ def output_agreement(dense: nn.Module, compressed: nn.Module, inputs: torch.Tens
     cosine = float(torch.nn.functional.cosine_similarity(y.flatten(), y_hat.flatten(), dim=0))
     top1 = float((y.argmax(1) == y_hat.argmax(1)).double().mean())
     return Agreement(rel_l2=rel, cosine=cosine, max_abs=float(diff.abs().max()), top1_agreement=top1, batch=len(y))
+
+
+def _flat_outputs(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A model's output as ``(batch, features)`` float64; several outputs (detection heads) side by side."""
+    if isinstance(out, torch.Tensor):
+        return out.double().flatten(1)
+    return torch.cat([t.double().flatten(1) for t in out], dim=1)

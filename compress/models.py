@@ -1,7 +1,14 @@
-"""Model access: the CIFAR zoo (:mod:`compress.zoo`), torchvision classification models by name, or a factory.
+"""Model access: the CIFAR zoo (:mod:`compress.zoo`), torchvision models by name, timm models, or a factory.
 
 Specs resolve in this order: a zoo name, optionally with a width suffix (``cifar_resnet18_w0.25``); a
-torchvision name (``resnet34``); a user factory ``path/to/file.py:fn``.
+``timm:<name>`` model (:mod:`compress.timm_models`, the optional ``timm`` extra); a torchvision
+classification, segmentation or detection name (``resnet34``, ``deeplabv3_resnet50``,
+``retinanet_resnet50_fpn``); a user factory ``path/to/file.py:fn``.
+
+Segmentation and detection models are wrapped (:mod:`compress.task_models`) into one-input graphs whose
+outputs are tensors with names (:attr:`LoadedModel.output_names`): a segmentation model's dict output in
+key order, a detector's raw head outputs (NMS and box decoding are left to the application). Their
+default input size comes from the weights' metadata (520 for segmentation) or the detector's transform.
 
 Weights (``--weights``):
     * ``auto`` — torchvision's pretrained weights when they are cached or can be downloaded, otherwise
@@ -31,10 +38,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.task_models import DETECTION_MODELS, SEGMENTATION_MODELS, default_input_size, task_of, wrap_task_model
 from compress.zoo import create_model, is_zoo_spec, list_zoo_models, parse_zoo_name
 from lowrank_deploy.errors import UserInputError
 
-__all__ = ["LoadedModel", "list_models", "load_model", "load_state_dict_file"]
+__all__ = [
+    "LoadedModel",
+    "input_channels",
+    "list_models",
+    "load_into",
+    "load_model",
+    "load_state_dict_file",
+    "output_features",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +72,19 @@ class LoadedModel:
     warning: str | None
     input_shape: tuple[int, int, int]
     num_classes: int | None
+    task: str = "classification"
+    output_names: tuple[str, ...] = ("output",)
 
 
 def list_models() -> list[str]:
-    """Names of the zoo's models (first), then torchvision's classification models."""
+    """Names of the zoo's models (first), then torchvision's classification, segmentation and detection models.
+
+    ``timm:<name>`` models are not listed (``timm.list_models()`` lists them).
+    """
     import torchvision
 
-    return list_zoo_models() + sorted(torchvision.models.list_models(module=torchvision.models))
+    classifiers = sorted(torchvision.models.list_models(module=torchvision.models))
+    return list_zoo_models() + classifiers + list(SEGMENTATION_MODELS) + list(DETECTION_MODELS)
 
 
 def load_model(
@@ -100,6 +122,12 @@ def load_model(
         return _load_zoo(
             spec, weights, num_classes=num_classes, input_size=input_size, seed=seed, in_channels=in_channels
         )
+    if spec.startswith("timm:"):
+        from compress.timm_models import load_timm
+
+        return load_timm(
+            spec, weights, num_classes=num_classes, input_size=input_size, seed=seed, in_channels=in_channels
+        )
     is_factory = ":" in spec and spec.split(":", 1)[0].endswith(".py")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -135,11 +163,11 @@ def load_model(
                     _replace_stem_(model, spec, in_channels)
             if weights != "random":
                 state = load_state_dict_file(weights)
-                _load_into(model, state, weights)
+                load_into(model, state, weights)
                 source = str(weights)
     model.eval()
-    size = input_size or _DEFAULT_SIZE.get(name, 224)
-    channels = _input_channels(model)
+    size = input_size or _DEFAULT_SIZE.get(name) or default_input_size(name, model) or 224
+    channels = input_channels(model)
     if in_channels is not None and in_channels != channels:
         raise UserInputError(
             f"the factory {spec!r} builds a model with {channels} input channels, not {in_channels}; "
@@ -153,7 +181,9 @@ def load_model(
         weights_requested=weights,
         warning=warning,
         input_shape=(channels, size, size),
-        num_classes=_output_features(model),
+        num_classes=output_features(model) if task_of(name) is None else _task_classes(model),
+        task=task_of(name) or "classification",
+        output_names=tuple(getattr(model, "output_names", ("output",))),
     )
 
 
@@ -180,7 +210,7 @@ def _load_zoo(
         )
         print(f"WARNING: {warning}", file=sys.stderr)
     elif weights != "random":
-        _load_into(model, load_state_dict_file(weights), weights)
+        load_into(model, load_state_dict_file(weights), weights)
         source = str(weights)
     model.eval()
     size = input_size or _ZOO_DEFAULT_SIZE
@@ -192,7 +222,7 @@ def _load_zoo(
         weights_requested=weights,
         warning=warning,
         input_shape=(channels, size, size),
-        num_classes=_output_features(model),
+        num_classes=output_features(model),
     )
 
 
@@ -205,8 +235,8 @@ def _check_torchvision_name(name: str) -> None:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UserInputError(
-            f"unknown model {name!r}{hint}; use a zoo or torchvision classification model name "
-            "(python -m compress models lists them) or path/to/file.py:function"
+            f"unknown model {name!r}{hint}; use a zoo or torchvision classification/segmentation/detection model "
+            "name (python -m compress models lists them), timm:<name> or path/to/file.py:function"
         )
 
 
@@ -219,9 +249,11 @@ def _torchvision_build(name: str, *, num_classes: int | None, weights: Any = Non
     if name == "inception_v3" or name.startswith("googlenet"):
         kwargs["init_weights"] = weights is None
         kwargs.setdefault("aux_logits", weights is not None)
+    if task_of(name) is not None:
+        kwargs["weights_backbone"] = None  # never download an ImageNet backbone behind the user's back
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torchvision.models.get_model(name, weights=weights, **kwargs)
+        return wrap_task_model(name, torchvision.models.get_model(name, weights=weights, **kwargs))
 
 
 def _torchvision_pretrained(name: str, mode: str, num_classes: int | None) -> tuple[nn.Module, str, str | None]:
@@ -351,7 +383,16 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
+    """Load ``state`` into ``model`` strictly, or raise :class:`UserInputError` naming what does not match.
+
+    A wrapped segmentation/detection model also takes the plain torchvision state_dict of the model it wraps.
+    """
+    inner = getattr(model, "model", None) or getattr(model, "detector", None)
+    if getattr(model, "output_names", None) is not None and isinstance(inner, nn.Module):
+        prefix = "model." if getattr(model, "model", None) is inner else "detector."
+        if not any(k.startswith(prefix) for k in state):  # a plain torchvision state_dict of the wrapped model
+            model = inner
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -374,14 +415,27 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | o
     model.load_state_dict(state)
 
 
-def _input_channels(model: nn.Module) -> int:
+def input_channels(model: nn.Module) -> int:
+    """Input channels of the first Conv2d (3 when there is none)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             return int(module.in_channels)
     return 3
 
 
-def _output_features(model: nn.Module) -> int | None:
+def _task_classes(model: nn.Module) -> int | None:
+    """Classes of a wrapped segmentation model (its last conv's channels) or detector (its head's ``num_classes``)."""
+    inner = getattr(model, "model", None)
+    if inner is not None:  # segmentation: the classifier ends in a conv with one channel per class
+        convs = [m for m in inner.classifier.modules() if isinstance(m, nn.Conv2d)]
+        return int(convs[-1].out_channels) if convs else None
+    detector = getattr(model, "detector", None)
+    head = getattr(getattr(detector, "head", None), "classification_head", None)
+    return int(head.num_classes) if head is not None and hasattr(head, "num_classes") else None
+
+
+def output_features(model: nn.Module) -> int | None:
+    """Output features of the last Linear (the classes of a classifier), ``None`` when there is none."""
     last = None
     for module in model.modules():
         if isinstance(module, nn.Linear):

@@ -107,26 +107,43 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """Rebuild a plan from :meth:`to_dict` output; raises :class:`UserInputError` if malformed."""
+        """Rebuild a plan from :meth:`to_dict` output.
+
+        Every key must be known and every rank a whole number: a typo in a hand-edited plan is an error
+        naming the key and the layer, never silently ignored.
+
+        Raises:
+            UserInputError: the plan is malformed (the message names the offending key or value).
+        """
+        if not isinstance(data, dict):
+            raise UserInputError(f"malformed plan: expected a JSON object, got {type(data).__name__}; regenerate it")
+        plan_keys = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - plan_keys)
+        if unknown:
+            raise UserInputError(f"malformed plan: unknown key {unknown[0]!r} (known: {', '.join(sorted(plan_keys))})")
         try:
             version = int(data.get("version", PLAN_VERSION))
             if version != PLAN_VERSION:
                 raise UserInputError(f"plan version {version} is not supported (expected {PLAN_VERSION})")
-            layer_keys = {f.name for f in fields(LayerPlan)}
-            layers = [LayerPlan(**{k: v for k, v in entry.items() if k in layer_keys}) for entry in data["layers"]]
-            return cls(
-                model=str(data["model"]),
-                method=str(data["method"]),
+            if not isinstance(data["layers"], list):
+                raise UserInputError("malformed plan: 'layers' must be a list of layer entries")
+            layers = [_layer_from_dict(entry, i) for i, entry in enumerate(data["layers"])]
+            plan = cls(
+                model=_text(data["model"], "model"),
+                method=_text(data["method"], "method"),
                 config=dict(data.get("config", {})),
-                input_shape=[int(v) for v in data["input_shape"]],
+                input_shape=_ints(data["input_shape"], "input_shape"),
                 layers=layers,
                 target=dict(data.get("target", {})),
                 totals=dict(data.get("totals", {})),
-                warnings=list(data.get("warnings", [])),
+                warnings=[str(w) for w in data.get("warnings", [])],
                 version=version,
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except KeyError as exc:
+            raise UserInputError(f"malformed plan: missing key {exc}; regenerate it") from None
+        except (TypeError, ValueError, AttributeError) as exc:
             raise UserInputError(f"malformed plan ({type(exc).__name__}: {exc}); regenerate it") from None
+        return plan
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON, atomically."""
@@ -136,3 +153,43 @@ class Plan:
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         """Read a plan written by :meth:`save`."""
         return cls.from_dict(read_json(path, what="plan"))
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise UserInputError(f"malformed plan: {what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _ints(value: Any, what: str, *, positive: bool = False) -> list[int]:
+    """A list of whole numbers; 3.5, "abc" or True are refused (never truncated)."""
+    if not isinstance(value, list):
+        raise UserInputError(f"malformed plan: {what} must be a list of integers, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or (positive and v < 1):
+            kind = "positive integers" if positive else "integers"
+            raise UserInputError(f"malformed plan: {what} must be a list of {kind}, got {v!r} in {value!r}")
+        out.append(int(v))
+    return out
+
+
+def _layer_from_dict(entry: Any, index: int) -> LayerPlan:
+    if not isinstance(entry, dict):
+        raise UserInputError(f"malformed plan: layer entry {index} must be an object, got {type(entry).__name__}")
+    where = f"layer {entry.get('path', index)!r}"
+    known = {f.name for f in fields(LayerPlan)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise UserInputError(
+            f"malformed plan: unknown key {unknown[0]!r} in {where} (known: {', '.join(sorted(known))})"
+        )
+    values = dict(entry)
+    values["path"] = _text(entry.get("path"), f"{where}: path")
+    values["action"] = _text(entry.get("action"), f"{where}: action")
+    values["shape"] = _ints(entry.get("shape"), f"{where}: shape", positive=True)
+    if entry.get("ranks") is not None:
+        values["ranks"] = _ints(entry["ranks"], f"{where}: ranks", positive=True)
+    if not isinstance(entry.get("info", {}), dict):
+        raise UserInputError(f"malformed plan: {where}: info must be an object")
+    return LayerPlan(**values)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from compress.attention import fused_attention_reason
 from compress.factorizations import LayerGeometry, dense_macs
 from compress.plan import KEEP, LayerPlan, Plan
 from lowrank_deploy.errors import CompressionError
@@ -97,6 +98,9 @@ def common_skip_reason(
     filter_fn: FilterFn | None = None,
 ) -> str | None:
     """Why every method leaves this layer dense, or ``None``: the rules shared by all planners."""
+    fused = fused_attention_reason(module)  # before the geometry rule: hooks never see a fused out_proj run
+    if fused is not None:
+        return fused
     if geometry is None:
         return "not reached by the forward pass (unused or conditional layer)"
     if keep_stem and path == stem:

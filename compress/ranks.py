@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from compress.evbmf import evbmf_from_singular_values
-from compress.lowrank import Factorization, LayerGeometry
+from compress.factorizations import Factorization, LayerGeometry
 from lowrank_deploy.errors import CompressionError, UserInputError
 
 __all__ = [

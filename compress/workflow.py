@@ -29,12 +29,11 @@ from compress.models import LoadedModel, load_model
 from compress.train import Accuracy, Regularizer, TrainConfig, Trainer, TrainResult, evaluate
 from lowrank_deploy.errors import UserInputError
 from lowrank_deploy.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json
+from lowrank_deploy.rundir import CHECKPOINT, MODEL_WEIGHTS, RAW_WEIGHTS, TRAIN_JSON, CompressRecord
 
 __all__ = ["Prepared", "evaluate_model", "finetune_run", "prepare", "train_model"]
 
-TRAIN_JSON = "train.json"
-WEIGHTS_FILE = "model.safetensors"
-RAW_WEIGHTS = "model.raw.safetensors"
+WEIGHTS_FILE = MODEL_WEIGHTS
 FINETUNE_DIR = "finetune"
 
 
@@ -164,14 +163,14 @@ def train_model(
         meta=meta_json,
         progress=progress,
     )
-    if (folder / "checkpoint.pt").exists():
+    if (folder / CHECKPOINT).exists():
         if not resume:
             raise UserInputError(
                 f"{folder} already holds a training run; resume it, pass --restart, or choose another --out"
             )
         from compress.train import load_checkpoint
 
-        ckpt = load_checkpoint(folder / "checkpoint.pt")
+        ckpt = load_checkpoint(folder / CHECKPOINT)
         old = TrainConfig.from_dict(json.loads(ckpt["config_json"]))
         if _settings(old, json.loads(ckpt["meta_json"])) != _settings(config, meta_json):
             raise UserInputError(
@@ -224,7 +223,7 @@ def finetune_run(
     from safetensors.torch import load_model as load_weights
     from safetensors.torch import save_model
 
-    from compress.artifacts import INFO_FILE, MODEL_WEIGHTS, load_run
+    from compress.artifacts import INFO_FILE, load_run
 
     folder = Path(run_dir)
     run = load_run(folder)
@@ -294,7 +293,7 @@ def finetune_run(
         with atomic_path(folder / MODEL_WEIGHTS) as tmp:
             save_model(compressed, str(tmp))
         info["accuracy"] = accuracy
-        atomic_write_json(folder / INFO_FILE, info)
+        CompressRecord.from_dict(info).write(folder / INFO_FILE)
     return accuracy
 
 

@@ -22,11 +22,21 @@ from export.parity import DEFAULT_ATOL, DEFAULT_RTOL, check_onnx_parity
 from export.passes import optimize
 from lowrank_deploy.cli import ArgumentParser, run_main
 from lowrank_deploy.errors import ParityError, UserInputError
-from lowrank_deploy.io import atomic_write_json, ensure_writable_dir
+from lowrank_deploy.io import ensure_writable_dir
+from lowrank_deploy.rundir import (
+    COMPRESSED,
+    DENSE,
+    DENSE_ONNX,
+    MODEL_ENGINE,
+    MODEL_ONNX,
+    SPARSE_ONNX,
+    ParityRecord,
+    RunDir,
+)
 
 PROG = "python -m export"
 #: (key in parity.json, file name) for the two models of a run.
-OUTPUTS = (("dense", "dense.onnx"), ("compressed", "model.onnx"))
+OUTPUTS = ((DENSE, DENSE_ONNX), (COMPRESSED, MODEL_ONNX))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     eng = sub.add_parser(
         "engine",
-        help="build TensorRT engines DIR/model.plan (+ dense.plan) with sidecars from the run's ONNX files",
+        help=f"build TensorRT engines DIR/{MODEL_ENGINE} (+ dense) with sidecars from the run's ONNX files",
     )
     eng.add_argument("--run-dir", required=True, type=Path, help="run directory with model.onnx (and dense.onnx)")
     eng.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "int8"), help="engine precision")
@@ -116,7 +126,7 @@ def _export_run(args: argparse.Namespace) -> int:
     }
     failures = []
     for key, filename in OUTPUTS:
-        model = run.dense if key == "dense" else run.compressed
+        model = run.dense if key == DENSE else run.compressed
         example = torch.zeros(input_shape, dtype=torch.float32)
         start = time.perf_counter()
         raw = onnx_from_torch(model, example, opset=max(args.opset, MIN_EXPORT_OPSET), dynamic_batch=args.dynamic_batch)
@@ -139,14 +149,14 @@ def _export_run(args: argparse.Namespace) -> int:
         print(_summary_line(key, path, summary, result))
         if not result.passed:
             failures.append(f"{key} ({filename}): {result}")
-        if key != "dense" and args.sparse_initializers == "auto":
+        if key != DENSE and args.sparse_initializers == "auto":
             sparse = _sparse_copy(model, optimized, run_dir, input_shape, args)
             if sparse is not None:
                 record["sparse_onnx"] = sparse
                 if not sparse["passed"]:
                     failures.append(f"{key} ({SPARSE_FILE}): max_abs {sparse['max_abs']:.3g}")
-    atomic_write_json(run_dir / "parity.json", record)
-    print(f"wrote {run_dir / 'parity.json'}")
+    path = ParityRecord.from_dict(record).write(RunDir(run_dir).parity_json)
+    print(f"wrote {path}")
     if failures:
         raise ParityError(f"ONNX Runtime vs PyTorch parity failed for {'; '.join(failures)}")
     return 0
@@ -162,18 +172,17 @@ def _build_engines(args: argparse.Namespace) -> int:
         opt,
         args.max_batch if args.max_batch is not None else opt,
     )
-    run_dir: Path = args.run_dir
-    if not (run_dir / "model.onnx").is_file():
-        raise UserInputError(
-            f"{run_dir / 'model.onnx'} is missing; run `python -m export onnx --run-dir {run_dir}` first"
-        )
-    pairs = [("model.onnx", "model.plan")]
-    if not args.skip_dense and (run_dir / "dense.onnx").is_file():
-        pairs.insert(0, ("dense.onnx", "dense.plan"))
-    for onnx_name, plan_name in pairs:
+    rd = RunDir(args.run_dir)
+    if not rd.onnx(COMPRESSED).is_file():
+        raise UserInputError(f"{rd.onnx(COMPRESSED)} is missing; run `python -m export onnx --run-dir {rd.path}` first")
+    models = [COMPRESSED]
+    if not args.skip_dense and rd.onnx(DENSE).is_file():
+        models.insert(0, DENSE)
+    for which in models:
+        plan_name = rd.engine(which).name
         start = time.perf_counter()
         loader = EngineFromOnnx(
-            run_dir / onnx_name,
+            rd.onnx(which),
             precision=args.precision,
             batch=profile,
             workspace_mib=args.workspace_mib,
@@ -182,7 +191,7 @@ def _build_engines(args: argparse.Namespace) -> int:
         )
         built = loader()
         built.metadata["build_s"] = round(time.perf_counter() - start, 3)
-        path = save_engine(built, run_dir / plan_name)
+        path = save_engine(built, rd.engine(which))
         check = built.metadata.get("precision_check", {})
         print(
             f"{plan_name:<11} {path.stat().st_size / 1e6:8.2f} MB  TensorRT {built.metadata['tensorrt_version']} "
@@ -192,7 +201,7 @@ def _build_engines(args: argparse.Namespace) -> int:
     return 0
 
 
-SPARSE_FILE = "model.sparse.onnx"
+SPARSE_FILE = SPARSE_ONNX
 
 
 def _sparse_copy(

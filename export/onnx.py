@@ -145,7 +145,8 @@ def onnx_from_torch(
             how to reach opset 17).
         dynamic_batch: Make dimension 0 of the input and output symbolic (``"batch"``).
         input_name: Name of the graph input.
-        output_name: Name of the graph output.
+        output_name: Name of the graph output. A model with several outputs (a wrapped segmentation or
+            detection model) names them with its ``output_names`` attribute when this is left at ``"output"``.
 
     Returns:
         The exported (unoptimized) ONNX model; run :func:`export.passes.optimize` on it.
@@ -191,7 +192,7 @@ def onnx_from_torch(
                 dynamo=True,
                 opset_version=opset,
                 input_names=[input_name],
-                output_names=[output_name],
+                output_names=_output_names(model, output_name),
                 dynamic_shapes=dynamic_shapes,
                 external_data=False,
                 optimize=True,
@@ -313,6 +314,14 @@ def graph_summary(model_proto: onnx.ModelProto, *, path: str | os.PathLike[str] 
         "proto_bytes": model_proto.ByteSize(),
         "file_bytes": Path(path).stat().st_size if path is not None and Path(path).is_file() else None,
     }
+
+
+def _output_names(model: torch.nn.Module, output_name: str) -> list[str]:
+    """``[output_name]``, or the model's own ``output_names`` (several named outputs) when left at the default."""
+    own = getattr(model, "output_names", None)
+    if output_name == "output" and isinstance(own, (tuple, list)) and own and all(isinstance(n, str) for n in own):
+        return list(own)
+    return [output_name]
 
 
 def _check_float32_cpu(model: torch.nn.Module) -> None:

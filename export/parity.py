@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from export._util import eval_mode, first_line
+from export._util import eval_mode
 from lowrank_deploy.errors import ExportError, ParityError, UserInputError
 
 if TYPE_CHECKING:
@@ -224,8 +224,7 @@ def check_onnx_parity(
         ExportError: if ONNX Runtime cannot load the model or it has not exactly one input/output.
         ParityError: if the outputs differ in shape or (with ``raise_on_failure``) in value.
     """
-    import onnxruntime as ort
-    import torch
+    from runtime.ort_runner import OrtRunner
 
     shape = tuple(int(d) for d in input_shape)
     if not shape or any(d <= 0 for d in shape):
@@ -237,24 +236,44 @@ def check_onnx_parity(
         path = Path(onnx_model_or_path)
         if not path.is_file():
             raise UserInputError(f"ONNX file {str(path)!r} does not exist; export it first")
-        source: str | bytes = str(path)
+        runner = OrtRunner(path, providers=("cpu",), graph_optimization_level="all")
         what = repr(str(path))
     else:
-        source = onnx_model_or_path.SerializeToString()
+        runner = OrtRunner(onnx_model_or_path.SerializeToString(), providers=("cpu",), name="onnx")
         what = "the ONNX model"
     try:
-        session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own pybind exception types
-        raise ExportError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from exc
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1 or len(outputs) != 1:
+        runner.activate()
+    except UserInputError as exc:  # ONNX Runtime could not load the model
+        raise ExportError(f"ONNX Runtime cannot load {what}: {str(exc).split(': ', 1)[-1]}") from exc
+    try:
+        return _compare_with_runner(torch_model, runner, what, shape, batches, seed, atol, rtol, raise_on_failure)
+    finally:
+        runner.deactivate()
+
+
+def _compare_with_runner(
+    torch_model: torch.nn.Module,
+    runner: Any,
+    what: str,
+    shape: tuple[int, ...],
+    batches: int,
+    seed: int,
+    atol: float,
+    rtol: float,
+    raise_on_failure: bool,
+) -> ParityResult:
+    import torch
+
+    inputs, outputs = runner.get_input_metadata(), runner.output_names
+    if len(inputs) != 1 or not outputs:
         raise ExportError(
-            f"parity check needs a model with one input and one output; {what} has "
+            f"parity check needs a model with one input and at least one output; {what} has "
             f"{len(inputs)} inputs and {len(outputs)} outputs"
         )
-    declared = inputs[0].shape
+    input_name, meta = next(iter(inputs.items()))
+    declared = list(meta.shape or ())
     if len(declared) != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(declared, shape, strict=False)):
-        raise UserInputError(f"input_shape {list(shape)} does not match the ONNX input {inputs[0].name!r} {declared}")
+        raise UserInputError(f"input_shape {list(shape)} does not match the ONNX input {input_name!r} {declared}")
 
     rng = np.random.default_rng(seed)
     refs, acts = [], []
@@ -263,10 +282,15 @@ def check_onnx_parity(
         for _ in range(batches):
             x = rng.standard_normal(shape, dtype=np.float32)
             ref = torch_model(torch.from_numpy(x).to(device))
+            if len(outputs) > 1:  # named outputs (segmentation/detection): every one compared, side by side
+                got = runner.infer({input_name: x})
+                refs.append(_joined_outputs(ref, got, outputs, "PyTorch"))
+                acts.append(_joined_outputs(None, got, outputs, "ONNX Runtime"))
+                continue
             if not isinstance(ref, torch.Tensor):
                 raise ExportError(f"parity check needs a model returning one tensor, got {type(ref).__name__}")
             refs.append(ref.detach().float().cpu().numpy())
-            acts.append(np.asarray(session.run([outputs[0].name], {inputs[0].name: x})[0]))
+            acts.append(np.asarray(runner.infer({input_name: x})[outputs[0]]))
             if refs[-1].shape != acts[-1].shape:
                 raise ParityError(
                     f"output shapes differ: PyTorch {list(refs[-1].shape)} vs ONNX Runtime {list(acts[-1].shape)}"
@@ -275,6 +299,28 @@ def check_onnx_parity(
     if raise_on_failure and not result.passed:
         raise ParityError(f"ONNX Runtime output differs from PyTorch: {result}")
     return result
+
+
+def _joined_outputs(reference: Any, onnx_outputs: dict[str, Any], names: list[str], side: str) -> np.ndarray:
+    """Several outputs as one ``(batch, Σ elements)`` array (the reference's tensors, or the ONNX ones when ``None``).
+
+    Elementwise tolerances are unchanged by the join, so the joined comparison passes exactly when every
+    output passes.
+    """
+    if reference is None:
+        arrays = [np.asarray(onnx_outputs[n]) for n in names]
+    else:
+        tensors = list(reference) if isinstance(reference, (tuple, list)) else [reference]
+        if len(tensors) != len(names):
+            raise ParityError(f"{side} returned {len(tensors)} outputs; the ONNX model has {len(names)} ({names})")
+        arrays = [t.detach().float().cpu().numpy() for t in tensors]
+        for name, arr in zip(names, arrays, strict=True):
+            if arr.shape != np.asarray(onnx_outputs[name]).shape:
+                raise ParityError(
+                    f"output {name!r} shapes differ: PyTorch {list(arr.shape)} vs ONNX Runtime "
+                    f"{list(np.asarray(onnx_outputs[name]).shape)}"
+                )
+    return np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
 
 
 def _as_float64(values: Any) -> np.ndarray:

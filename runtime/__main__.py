@@ -1,14 +1,14 @@
 """Command line: ``python -m runtime {bench,report,onnx,env}``.
 
-A thin layer over the library: each subcommand builds runners, calls :func:`runtime.harness.benchmark`
-and writes through :mod:`runtime.report`. Heavy packages (torch, onnxruntime, matplotlib) are imported
+A thin layer over the library: each subcommand builds runners through the registry
+(:func:`runtime.base.runner_class` → ``cli_options`` / ``bench_runners`` / ``from_path``; no backend is
+named here), calls :func:`runtime.harness.benchmark` and writes through :mod:`runtime.report`. Heavy packages (torch, onnxruntime, matplotlib) are imported
 only by the subcommand that needs them, so ``--help`` works without them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lowrank_deploy.cli import ArgumentParser, run_main
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
-from lowrank_deploy.io import atomic_write_json
+from lowrank_deploy.errors import UserInputError
 
 PROG = "runtime"
 
@@ -122,38 +121,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from runtime.harness import benchmark
     from runtime.report import latency_markdown, write_latency
 
-    runner_class(args.backend)  # unknown name → one-line error listing the known backends
+    cls = runner_class(args.backend)  # unknown name → one-line error listing the known backends
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         raise UserInputError(f"run directory {str(run_dir)!r} does not exist; run the compress and export stages first")
     config = _config(args)
-    if args.backend == "ort":
-        runners = _ort_runners(run_dir, args)
-        extra = {"ort_intra_op_threads": args.threads}
-    elif args.backend == "torch":
-        runners = _torch_runners(run_dir, args)
-        extra = {
-            "torch_threads": args.threads,
-            "cuda_graph": args.cuda_graph,
-            "channels_last": args.channels_last,
-            "autocast": args.autocast,
-        }
-    elif args.backend == "trt":
-        runners = _trt_runners(run_dir, args)
-        extra = {"engine": str(args.engine) if args.engine else None}
-    else:
-        raise UserInputError(f"bench does not support backend {args.backend!r} yet; use ort or torch")
+    cli = vars(args)
+    runners = cls.bench_runners(run_dir, **cls.cli_options(cli))
 
     result = benchmark(runners, _feed_factory(args.batch, args.seed), config)
-    env = capture_environment({**extra, "command": "bench", "device": args.device, "seed": args.seed})
+    env = capture_environment({**cls.cli_env(cli), "command": "bench", "device": args.device, "seed": args.seed})
     record = write_latency(run_dir, result, env, backend=args.backend, batch=args.batch)
     gpu_compute = _gpu_compute(runners, result)
     if gpu_compute:
-        from lowrank_deploy.io import atomic_write_json
-        from runtime.report import LATENCY_JSON
+        from lowrank_deploy.rundir import LatencyRecord, RunDir
 
         record["gpu_compute"] = gpu_compute
-        atomic_write_json(run_dir / LATENCY_JSON, record)
+        LatencyRecord.from_dict(record).write(RunDir(run_dir).latency_json)
     print(latency_markdown(record))
     for key, stats in gpu_compute.items():
         host = record["results"][key]
@@ -178,36 +162,32 @@ def _gpu_compute(runners: dict[str, Any], result: Any) -> dict[str, Any]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from runtime.report import REPORT_MD, write_report
+    from lowrank_deploy.rundir import RunDir
+    from runtime.report import write_report
 
     write_report(args.run_dir)
-    print((args.run_dir / REPORT_MD).read_text(encoding="utf-8"))
+    print(RunDir(args.run_dir).report_md.read_text(encoding="utf-8"))
     return 0
 
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
+    from lowrank_deploy.rundir import LatencyRecord
+    from runtime.base import runner_class
     from runtime.env import capture_environment
     from runtime.harness import benchmark
-    from runtime.ort_runner import OrtRunner
     from runtime.report import latency_markdown, latency_record
 
     shapes = _parse_shapes(args.shape)
     names = _unique_names(args.models)
-    runners = {
-        name: OrtRunner(
-            path,
-            providers=_ort_providers(args.device),
-            intra_op_threads=args.threads,
-            allow_spinning=args.spin,
-            name=name,
-        )
-        for name, path in zip(names, args.models, strict=True)
-    }
+    cls = runner_class("ort")
+    cli = vars(args)
+    options = cls.cli_options(cli)
+    runners = {name: cls.from_path(path, name=name, **options) for name, path in zip(names, args.models, strict=True)}
     for name, path in zip(names, args.models, strict=True):
         if not path.is_file():
             raise UserInputError(f"ONNX file {str(path)!r} ({name}) does not exist")
     result = benchmark(runners, _feed_factory(args.batch, args.seed, shapes), _config(args))
-    env = capture_environment({"ort_intra_op_threads": args.threads, "command": "onnx", "device": args.device})
+    env = capture_environment({**cls.cli_env(cli), "command": "onnx", "device": args.device})
     record = latency_record(result, env, backend="ort", batch=args.batch)
     record["models"] = {name: str(path) for name, path in zip(names, args.models, strict=True)}
     record["speedups"] = {name: result.speedup(names[0], name).to_dict() for name in names[1:]}
@@ -216,7 +196,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
         lo, hi = estimate["ci95"]
         print(f"{name} vs {names[0]}: {estimate['p50_ratio']:.3f}× (95% CI {lo:.3f}–{hi:.3f})")
     if args.json is not None:
-        atomic_write_json(args.json, record)
+        LatencyRecord.from_dict(record).write(args.json)
     return 0
 
 
@@ -251,88 +231,6 @@ def _feed_factory(batch: int, seed: int, shapes: dict[str, tuple[int, ...]] | No
         return random_feed(runner.get_input_metadata(), batch=batch, seed=seed, shapes=shapes, model=key)
 
     return make
-
-
-def _ort_providers(device: str) -> tuple[str, ...]:
-    table = {"cpu": ("cpu",), "cuda": ("cuda",), "tensorrt": ("tensorrt", "cuda")}
-    if device not in table:
-        raise UserInputError(f"unknown --device {device!r} for ort; use one of: {', '.join(table)}")
-    return table[device]
-
-
-def _ort_runners(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from runtime.ort_runner import OrtRunner
-
-    runners = {}
-    for key, file_name in (("dense", "dense.onnx"), ("compressed", "model.onnx")):
-        path = run_dir / file_name
-        if not path.is_file():
-            raise UserInputError(
-                f"{file_name} is missing in {str(run_dir)!r}; run the export stage (`python -m export`) first"
-            )
-        runners[key] = OrtRunner(
-            path,
-            providers=_ort_providers(args.device),
-            intra_op_threads=args.threads,
-            allow_spinning=args.spin,
-            name=key,
-        )
-    return runners
-
-
-def _torch_runners(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    gpu_flags = [f for f, on in (("--cuda-graph", args.cuda_graph), ("--autocast", args.autocast)) if on]
-    if gpu_flags and not str(args.device).startswith("cuda"):
-        raise UserInputError(f"{' and '.join(gpu_flags)} need --device cuda")
-    if args.device not in ("cpu", "cuda") and not str(args.device).startswith("cuda:"):
-        raise UserInputError(f"unknown --device {args.device!r} for torch; use cpu, cuda or cuda:N")
-    if importlib.util.find_spec("compress.artifacts") is None:
-        raise RuntimeUnavailableError(
-            "--backend torch loads the run with compress.artifacts.load_run, which this checkout "
-            "does not have yet; use --backend ort"
-        )
-    from compress.artifacts import load_run
-    from runtime.torch_runner import TorchRunner
-
-    run = load_run(run_dir)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    shape = tuple(run.input_shape)
-    input_shapes = {"input": (None, *shape[1:])}
-    return {
-        key: TorchRunner(
-            module,
-            input_shapes=input_shapes,
-            device=args.device,
-            name=key,
-            cuda_graph=args.cuda_graph,
-            channels_last=args.channels_last,
-            autocast=args.autocast,
-        )
-        for key, module in (("dense", run.dense), ("compressed", run.compressed))
-    }
-
-
-def _trt_runners(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from runtime.trt_runner import TrtRunner
-
-    device = args.device if str(args.device).startswith("cuda") else "cuda"
-    if args.engine is not None:
-        if not args.engine.is_file():
-            raise UserInputError(f"engine {str(args.engine)!r} does not exist; build it with `python -m export engine`")
-        return {"compressed": TrtRunner(args.engine, device=device, name="compressed")}
-    runners = {}
-    for key, file_name in (("dense", "dense.plan"), ("compressed", "model.plan")):
-        path = run_dir / file_name
-        if path.is_file():
-            runners[key] = TrtRunner(path, device=device, name=key)
-    if "compressed" not in runners:
-        raise UserInputError(
-            f"model.plan is missing in {str(run_dir)!r}; build it with `python -m export engine --run-dir {run_dir}`"
-        )
-    return runners
 
 
 def _parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:

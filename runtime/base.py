@@ -9,21 +9,29 @@ Adding a backend is one new module named ``runtime/<something>_runner.py`` whose
 ``@register_runner("<name>")``: the registry imports every ``*_runner`` module of this package the
 first time a name is looked up (backend modules found by file convention, as tinygrad does with
 ``runtime/ops_<name>.py``). Runner modules must import their heavy dependencies lazily, inside methods.
+
+Each class also says how it is built from files: :meth:`Runner.from_path` (one model file),
+:meth:`Runner.from_run_dir` (the dense or compressed model of a run directory), and
+:meth:`Runner.cli_options` / :meth:`Runner.cli_env` (which command-line arguments it reads), so the
+``python -m runtime`` CLI builds every backend through this registry without knowing any of them.
 """
 
 from __future__ import annotations
 
 import abc
 import importlib
+import os
 import pkgutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from lowrank_deploy.errors import UserInputError
+from lowrank_deploy.rundir import MODELS, RunDir, model_key
 
 Dim = int | str | None
 """One dimension of an input: a fixed size, or a symbolic name / ``None`` for a dynamic dimension."""
@@ -156,6 +164,63 @@ class Runner(abc.ABC):
     def __repr__(self) -> str:
         state = "active" if self.is_active else "inactive"
         return f"{type(self).__name__}(name={self.name!r}, device={self.device!r}, {state})"
+
+    # Construction from files (what `python -m runtime bench` uses) ------------------------------------
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], **options: Any) -> Runner:
+        """Build a runner for one model file (ONNX, engine, ...); ``options`` go to the constructor.
+
+        Raises:
+            UserInputError: this backend does not run single files.
+        """
+        raise UserInputError(f"the {cls.backend} backend does not run a model file; use from_run_dir")
+
+    @classmethod
+    def run_dir_file(cls, run_dir: RunDir, which: str) -> Path:
+        """The file of ``run_dir`` this backend runs for ``which`` (``"dense"`` or ``"model"``).
+
+        Raises:
+            UserInputError: this backend reads no file of a run directory.
+        """
+        raise UserInputError(f"the {cls.backend} backend cannot run a model of a run directory")
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | os.PathLike[str], which: str = "model", **options: Any) -> Runner:
+        """Build a runner for the dense (``which="dense"``) or compressed (``"model"``) model of a run.
+
+        The default checks :meth:`run_dir_file` exists (naming the stage that writes it) and calls
+        :meth:`from_path` with ``name`` set to the record key (``"dense"`` / ``"compressed"``).
+
+        Raises:
+            UserInputError: unknown ``which``, or the file is missing.
+        """
+        rd = RunDir(run_dir)
+        key = model_key(which)
+        path = rd.require(cls.run_dir_file(rd, key))
+        return cls.from_path(path, **{"name": key, **options})
+
+    @classmethod
+    def bench_runners(cls, run_dir: str | os.PathLike[str], **options: Any) -> dict[str, Runner]:
+        """``{"dense": ..., "compressed": ...}`` runners for ``python -m runtime bench``.
+
+        Raises:
+            UserInputError: a file of the run directory is missing.
+        """
+        return {key: cls.from_run_dir(run_dir, key, **options) for key in MODELS}
+
+    @classmethod
+    def cli_options(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor options from parsed CLI arguments (``vars(namespace)``); validates the ones it reads.
+
+        The base class reads nothing; backends pick the arguments they understand.
+        """
+        return {}
+
+    @classmethod
+    def cli_env(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Run settings from the CLI arguments to record in ``latency.json``'s ``env``."""
+        return {}
 
     # Hooks for subclasses ----------------------------------------------------------------------------
 

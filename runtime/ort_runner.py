@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
 from runtime.base import Feed, Runner, TensorMeta, register_runner
+
+if TYPE_CHECKING:
+    from lowrank_deploy.rundir import RunDir
 
 PROVIDERS: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
@@ -22,6 +25,13 @@ PROVIDERS: dict[str, str] = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 """Short provider names accepted by :class:`OrtRunner` → ONNX Runtime execution provider."""
+
+DEVICE_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu",),
+    "cuda": ("cuda",),
+    "tensorrt": ("tensorrt", "cuda"),
+}
+"""The CLI's ``--device`` → providers in priority order."""
 
 _PROVIDER_PACKAGES: dict[str, str] = {
     "CPUExecutionProvider": "onnxruntime",
@@ -81,7 +91,7 @@ class OrtRunner(Runner):
     """Run an ONNX file with ONNX Runtime.
 
     Args:
-        onnx_path: the model file.
+        onnx_path: the model file, or a serialized model (``ModelProto.SerializeToString()``).
         providers: execution providers in priority order, short (``cpu``, ``cuda``, ``tensorrt``) or full
             names. ONNX Runtime always adds CPU as the fallback for nodes other providers reject.
         intra_op_threads: threads inside one operator; ``None`` lets ONNX Runtime choose (all cores).
@@ -102,7 +112,7 @@ class OrtRunner(Runner):
 
     def __init__(
         self,
-        onnx_path: str | os.PathLike[str],
+        onnx_path: str | os.PathLike[str] | bytes,
         *,
         providers: Sequence[str] = ("cpu",),
         intra_op_threads: int | None = None,
@@ -121,7 +131,8 @@ class OrtRunner(Runner):
             )
         if intra_op_threads is not None and intra_op_threads < 1:
             raise UserInputError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
-        self.onnx_path = Path(onnx_path)
+        self._model_bytes = bytes(onnx_path) if isinstance(onnx_path, bytes) else None
+        self.onnx_path = Path("in-memory.onnx") if self._model_bytes is not None else Path(onnx_path)
         device = "cuda" if any(p != "CPUExecutionProvider" for p in resolved) else "cpu"
         super().__init__(name=name if name is not None else self.onnx_path.stem, device=device)
         self.providers = resolved
@@ -131,6 +142,37 @@ class OrtRunner(Runner):
         self.providers_in_use: tuple[str, ...] = ()
         self._session: Any = None
         self._output_names: list[str] = []
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], **options: Any) -> OrtRunner:
+        """``OrtRunner(path, **options)``."""
+        return cls(path, **options)
+
+    @classmethod
+    def run_dir_file(cls, run_dir: RunDir, which: str) -> Path:
+        """``dense.onnx`` or ``model.onnx``."""
+        return run_dir.onnx(which)
+
+    @classmethod
+    def cli_options(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        """``--device`` (cpu, cuda, tensorrt) → providers, ``--threads`` → intra-op threads, ``--spin``.
+
+        Raises:
+            UserInputError: for an unknown device.
+        """
+        device = str(args.get("device") or "cpu")
+        if device not in DEVICE_PROVIDERS:
+            raise UserInputError(f"unknown --device {device!r} for ort; use one of: {', '.join(DEVICE_PROVIDERS)}")
+        return {
+            "providers": DEVICE_PROVIDERS[device],
+            "intra_op_threads": args.get("threads"),
+            "allow_spinning": bool(args.get("spin", False)),
+        }
+
+    @classmethod
+    def cli_env(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The intra-op thread setting."""
+        return {"ort_intra_op_threads": args.get("threads")}
 
     def activate_impl(self) -> None:
         """Check the providers against the installed onnxruntime and create the session."""
@@ -143,7 +185,7 @@ class OrtRunner(Runner):
                     f"{ort.__version__} (available: {', '.join(available)}); "
                     f"install {_PROVIDER_PACKAGES[provider]} instead of the CPU-only package"
                 )
-        if not self.onnx_path.is_file():
+        if self._model_bytes is None and not self.onnx_path.is_file():
             raise UserInputError(f"ONNX file {str(self.onnx_path)!r} does not exist")
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(
@@ -155,7 +197,8 @@ class OrtRunner(Runner):
         options.log_severity_level = 3
         errors = _ort_errors()
         try:
-            session = ort.InferenceSession(str(self.onnx_path), sess_options=options, providers=list(self.providers))
+            source = self._model_bytes if self._model_bytes is not None else str(self.onnx_path)
+            session = ort.InferenceSession(source, sess_options=options, providers=list(self.providers))
         except errors as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserInputError(f"ONNX Runtime cannot load {str(self.onnx_path)!r}: {first_line}") from None
@@ -170,6 +213,11 @@ class OrtRunner(Runner):
         self._session = session
         self.providers_in_use = in_use
         self._output_names = [o.name for o in session.get_outputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Output names of the active session, in model order (empty before :meth:`activate`)."""
+        return list(self._output_names)
 
     def get_input_metadata_impl(self) -> Mapping[str, TensorMeta]:
         """Read names, dtypes and shapes (symbolic dims as strings or ``None``) from the session."""

@@ -1,6 +1,6 @@
 """Latency records (``latency.json/.md/.png``) and the run report (``report.json/.md``).
 
-A run directory collects the stages' outputs::
+A run directory (file names and records in :mod:`lowrank_deploy.rundir`) collects the stages' outputs::
 
     compress.json   compress stage: model, method, weights, params/MACs, agreement
     dense.onnx      export stage: the dense model
@@ -16,34 +16,31 @@ All files are written atomically (temporary name, then rename). matplotlib is im
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_deploy.io import atomic_path, atomic_write_json, atomic_write_text
+from lowrank_deploy.rundir import (
+    COMPRESSED,
+    DENSE,
+    LATENCY_JSON,
+    LATENCY_PNG,
+    PARITY_JSON,
+    REPORT_JSON,
+    REPORT_MD,
+    STAGE_HINTS,
+    LatencyRecord,
+    RunDir,
+)
 from runtime.harness import BenchmarkResult
 
-LATENCY_JSON = "latency.json"
-LATENCY_MD = "latency.md"
-LATENCY_PNG = "latency.png"
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-COMPRESS_JSON = "compress.json"
-PARITY_JSON = "parity.json"
-DENSE_ONNX = "dense.onnx"
-COMPRESSED_ONNX = "model.onnx"
-
-BASELINE = "dense"
-CANDIDATE = "compressed"
-
-_STAGE_HINTS = {
-    COMPRESS_JSON: "run the compress stage (`python -m compress`) first",
-    PARITY_JSON: "run the export stage (`python -m export`) first",
-    LATENCY_JSON: "run `python -m runtime bench --run-dir {run_dir}` first",
-}
+BASELINE = DENSE
+CANDIDATE = COMPRESSED
 
 
 # Latency ----------------------------------------------------------------------------------------------
@@ -104,14 +101,19 @@ def write_latency(
 ) -> dict[str, Any]:
     """Write ``latency.json``, ``latency.md`` and ``latency.png`` into ``run_dir``; return the JSON dict.
 
+    Without matplotlib (a bare device) the plot is skipped with a note on stderr.
+
     See :func:`latency_record` for the JSON schema.
     """
-    folder = Path(run_dir)
+    rd = RunDir(run_dir)
     record = latency_record(result, env, backend=backend, batch=batch)
-    atomic_write_json(folder / LATENCY_JSON, record)
-    atomic_write_text(folder / LATENCY_MD, latency_markdown(record))
+    LatencyRecord.from_dict(record).write(rd.latency_json)
+    atomic_write_text(rd.latency_md, latency_markdown(record))
     samples = {key: entry["samples_ms"] for key, entry in record["results"].items()}
-    plot_latency(samples, folder / LATENCY_PNG, title=f"{backend}, batch {batch}")
+    try:
+        plot_latency(samples, rd.latency_png, title=f"{backend}, batch {batch}")
+    except RuntimeUnavailableError as exc:  # a device with numpy + onnxruntime only: no plot, numbers intact
+        print(f"note: {rd.latency_png.name} not written: {exc}", file=sys.stderr)
     return record
 
 
@@ -185,8 +187,6 @@ def plot_latency(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        from lowrank_deploy.errors import RuntimeUnavailableError
-
         raise RuntimeUnavailableError(
             "latency plots need matplotlib; install it with `pip install matplotlib`"
         ) from None
@@ -256,24 +256,25 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         UserInputError: if the directory or a stage's file is missing (naming the stage to run), or a
             file lacks a required key.
     """
-    folder = Path(run_dir)
+    rd = RunDir(run_dir)
+    folder = rd.path
     if not folder.is_dir():
         raise UserInputError(f"run directory {str(folder)!r} does not exist; run the compress stage first")
-    comp = _read_stage(folder, COMPRESS_JSON)
-    parity = _read_stage(folder, PARITY_JSON)
-    latency = _read_stage(folder, LATENCY_JSON)
+    comp = rd.read_compress()
+    parity = rd.read_parity()
+    latency = rd.read_latency()
 
     sides = {}
-    for side, onnx_name in ((BASELINE, DENSE_ONNX), (CANDIDATE, COMPRESSED_ONNX)):
-        stats = _require(latency, f"results.{side}", LATENCY_JSON, folder)
+    for side in (BASELINE, CANDIDATE):
+        stats = _require(latency.results, side, LATENCY_JSON, folder, prefix="results.")
         sides[side] = {
-            "params": _require(comp, f"{side}.params", COMPRESS_JSON, folder),
-            "macs": _require(comp, f"{side}.macs", COMPRESS_JSON, folder),
-            "onnx_bytes": _onnx_bytes(folder / onnx_name, parity.get(side, {})),
+            "params": comp.params(side),
+            "macs": comp.macs(side),
+            "onnx_bytes": _onnx_bytes(rd.onnx(side), parity.side(side) or {}),
             "latency_ms": {q: _require(stats, q, LATENCY_JSON, folder) for q in ("p50", "p90", "p99")},
         }
 
-    speed = latency.get("speedup") or {}
+    speed = latency.speedup or {}
     if speed.get("baseline", BASELINE) != BASELINE or speed.get("candidate", CANDIDATE) != CANDIDATE:
         speed = {}
     speedup_p50 = speed.get("p50_ratio")
@@ -288,39 +289,39 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "efficiency": _ratio(speedup_p50, macs_ratio),
         "flops_reduction": None if not macs_ratio else 1.0 - 1.0 / macs_ratio,
     }
-    par_c = _require(parity, CANDIDATE, PARITY_JSON, folder)
-    par_d = _require(parity, BASELINE, PARITY_JSON, folder)
+    par_c = _require(parity.to_dict(), CANDIDATE, PARITY_JSON, folder)
+    par_d = _require(parity.to_dict(), BASELINE, PARITY_JSON, folder)
     artifacts = sorted(
         {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")} | {REPORT_JSON, REPORT_MD}
     )
     report = {
-        "model": _require(comp, "model", COMPRESS_JSON, folder),
-        "method": _require(comp, "method", COMPRESS_JSON, folder),
-        "weights": comp.get("weights"),
-        "input_shape": comp.get("input_shape"),
-        "backend": latency.get("backend"),
-        "batch": latency.get("batch"),
+        "model": comp.model,
+        "method": comp.method,
+        "weights": comp.weights,
+        "input_shape": comp.input_shape,
+        "backend": latency.backend,
+        "batch": latency.batch,
         BASELINE: sides[BASELINE],
         CANDIDATE: sides[CANDIDATE],
         "parity": {
             "max_abs": par_c.get("max_abs"),
             "max_rel": par_c.get("max_rel"),
-            "atol": parity.get("atol"),
-            "rtol": parity.get("rtol"),
+            "atol": parity.atol,
+            "rtol": parity.rtol,
         },
         "parity_dense": {"max_abs": par_d.get("max_abs"), "max_rel": par_d.get("max_rel")},
-        "sparse_onnx": _sparse_onnx(parity.get("sparse_onnx")),
-        "sparse_storage": _sparse_storage(comp.get("sparse_storage")),
-        "warnings": [str(w) for w in comp.get("warnings") or []],
+        "sparse_onnx": _sparse_onnx(parity.sparse_onnx),
+        "sparse_storage": _sparse_storage(comp.sparse_storage),
+        "warnings": [str(w) for w in comp.warnings or []],
         "ratios": ratios,
-        "weights_warning": comp.get("weights_warning"),
-        "agreement": comp.get("agreement"),
-        "accuracy": _accuracy(comp.get("accuracy")),
-        "env": latency.get("env", {}),
+        "weights_warning": comp.weights_warning,
+        "agreement": comp.agreement,
+        "accuracy": _accuracy(comp.accuracy),
+        "env": latency.env if latency.env is not None else {},
         "artifacts": artifacts,
     }
-    atomic_write_json(folder / REPORT_JSON, report)
-    atomic_write_text(folder / REPORT_MD, report_markdown(report, has_plot=(folder / LATENCY_PNG).is_file()))
+    atomic_write_json(rd.report_json, report)
+    atomic_write_text(rd.report_md, report_markdown(report, has_plot=rd.latency_png.is_file()))
     return report
 
 
@@ -409,7 +410,7 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
             )
     lines.append("")
     if has_plot:
-        lines += ["![latency](latency.png)", ""]
+        lines += [f"![latency]({LATENCY_PNG})", ""]
     lines += ["## Environment", ""]
     lines += [f"- {item}" for item in _env_lines(report.get("env") or {})]
     lines.append("")
@@ -467,25 +468,11 @@ def _speedup_pair(keys: list[str]) -> tuple[str, str] | None:
     return None
 
 
-def _read_stage(folder: Path, name: str) -> dict[str, Any]:
-    path = folder / name
-    if not path.is_file():
-        hint = _STAGE_HINTS[name].format(run_dir=folder)
-        raise UserInputError(f"{name} is missing in {str(folder)!r}; {hint}")
-    data = read_json(path, what=name)
-    if not isinstance(data, dict):
-        raise UserInputError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _require(data: Mapping[str, Any], dotted: str, file_name: str, folder: Path) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            hint = _STAGE_HINTS[file_name].format(run_dir=folder).replace(" first", " again")
-            raise UserInputError(f"{file_name} in {str(folder)!r} lacks key {dotted!r}; {hint}")
-        node = node[part]
-    return node
+def _require(data: Mapping[str, Any], key: str, file_name: str, folder: Path, *, prefix: str = "") -> Any:
+    if not isinstance(data, Mapping) or key not in data:
+        hint = STAGE_HINTS[file_name].format(run_dir=folder).replace(" first", " again")
+        raise UserInputError(f"{file_name} in {str(folder)!r} lacks key {prefix + key!r}; {hint}")
+    return data[key]
 
 
 def _onnx_bytes(path: Path, parity_side: Mapping[str, Any]) -> int | None:

@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_deploy.rundir import MODELS, RunDir, model_key
 from runtime.base import Dim, Feed, Runner, TensorMeta, register_runner
 
 if TYPE_CHECKING:
@@ -28,6 +31,21 @@ def _import_torch() -> Any:
     except ImportError:
         raise RuntimeUnavailableError("the torch backend needs PyTorch; install it with `pip install torch`") from None
     return torch
+
+
+def _load_run(run_dir: str | os.PathLike[str], threads: int | None) -> Any:
+    """:func:`compress.artifacts.load_run`, imported here (a device with only the runtime has no compress)."""
+    try:
+        from compress.artifacts import load_run
+    except ImportError as exc:
+        raise RuntimeUnavailableError(
+            f"the torch backend rebuilds a run with the compress stage, which is not importable here ({exc}); "
+            "use --backend ort"
+        ) from None
+    run = load_run(run_dir)
+    if threads is not None:
+        _import_torch().set_num_threads(threads)
+    return run
 
 
 @register_runner("torch")
@@ -107,6 +125,77 @@ class TorchRunner(Runner):
         self._static_in: list[Any] = []
         self._static_out: Any = None
         self._timer: Any = None
+
+    # Construction from a run directory -------------------------------------------------------------
+
+    @classmethod
+    def run_dir_file(cls, run_dir: RunDir, which: str) -> Path:
+        """``dense.safetensors`` or ``model.safetensors`` (the architecture comes from ``plan.json``)."""
+        return run_dir.weights(which)
+
+    @classmethod
+    def from_run_dir(
+        cls, run_dir: str | os.PathLike[str], which: str = "model", *, threads: int | None = None, **options: Any
+    ) -> TorchRunner:
+        """Rebuild the run's dense or compressed module (:func:`compress.artifacts.load_run`) and wrap it.
+
+        Args:
+            run_dir: the run directory.
+            which: ``"dense"`` or ``"model"`` (compressed).
+            threads: ``torch.set_num_threads`` (process-wide) when given.
+            **options: constructor options (``device``, ``cuda_graph``, ...).
+
+        Raises:
+            RuntimeUnavailableError: the compress stage (and torch) is not installed.
+            UserInputError: the run directory is missing or corrupt.
+        """
+        run = _load_run(run_dir, threads)
+        return cls._from_run(run, model_key(which), **options)
+
+    @classmethod
+    def bench_runners(
+        cls, run_dir: str | os.PathLike[str], *, threads: int | None = None, **options: Any
+    ) -> dict[str, Runner]:
+        """Both models of the run, rebuilt from one :func:`compress.artifacts.load_run`."""
+        run = _load_run(run_dir, threads)
+        return {key: cls._from_run(run, key, **options) for key in MODELS}
+
+    @classmethod
+    def _from_run(cls, run: Any, key: str, **options: Any) -> TorchRunner:
+        shape = tuple(run.input_shape)
+        module = run.dense if key == "dense" else run.compressed
+        return cls(module, **{"input_shapes": {"input": (None, *shape[1:])}, "name": key, **options})
+
+    @classmethod
+    def cli_options(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        """``--device`` (cpu, cuda, cuda:N), ``--threads``, ``--cuda-graph``, ``--channels-last``, ``--autocast``.
+
+        Raises:
+            UserInputError: an unknown device, or a CUDA-only flag without a CUDA device.
+        """
+        device = str(args.get("device") or "cpu")
+        gpu_flags = [f for f, key in (("--cuda-graph", "cuda_graph"), ("--autocast", "autocast")) if args.get(key)]
+        if gpu_flags and not device.startswith("cuda"):
+            raise UserInputError(f"{' and '.join(gpu_flags)} need --device cuda")
+        if not _DEVICE_RE.match(device):
+            raise UserInputError(f"unknown --device {device!r} for torch; use cpu, cuda or cuda:N")
+        return {
+            "device": device,
+            "threads": args.get("threads"),
+            "cuda_graph": bool(args.get("cuda_graph", False)),
+            "channels_last": bool(args.get("channels_last", False)),
+            "autocast": args.get("autocast"),
+        }
+
+    @classmethod
+    def cli_env(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Thread count and the GPU options."""
+        return {
+            "torch_threads": args.get("threads"),
+            "cuda_graph": bool(args.get("cuda_graph", False)),
+            "channels_last": bool(args.get("channels_last", False)),
+            "autocast": args.get("autocast"),
+        }
 
     @property
     def is_cuda(self) -> bool:

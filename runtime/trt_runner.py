@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_deploy.rundir import COMPRESSED, DENSE, RunDir
 from runtime.base import Feed, Runner, TensorMeta, register_runner
 
 
@@ -97,6 +98,47 @@ class TrtRunner(Runner):
         self._buffers: dict[str, Any] = {}
         self._activate_device_bytes: int | None = None
         self._tensorrt_version: str | None = None
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], **options: Any) -> TrtRunner:
+        """``TrtRunner(path, **options)``."""
+        return cls(path, **options)
+
+    @classmethod
+    def run_dir_file(cls, run_dir: RunDir, which: str) -> Path:
+        """``dense.plan`` or ``model.plan``."""
+        return run_dir.engine(which)
+
+    @classmethod
+    def bench_runners(
+        cls, run_dir: str | os.PathLike[str], *, engine: str | os.PathLike[str] | None = None, **options: Any
+    ) -> dict[str, Runner]:
+        """``model.plan`` (required) and ``dense.plan`` (when built); or only ``engine`` when given.
+
+        Raises:
+            UserInputError: the engine to time is missing.
+        """
+        if engine is not None:
+            if not Path(engine).is_file():
+                raise UserInputError(f"engine {str(engine)!r} does not exist; build it with `python -m export engine`")
+            return {COMPRESSED: cls.from_path(engine, **{"name": COMPRESSED, **options})}
+        runners: dict[str, Runner] = {}
+        if cls.run_dir_file(RunDir(run_dir), DENSE).is_file():
+            runners[DENSE] = cls.from_run_dir(run_dir, DENSE, **options)
+        runners[COMPRESSED] = cls.from_run_dir(run_dir, COMPRESSED, **options)
+        return runners
+
+    @classmethod
+    def cli_options(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        """``--device`` (a CUDA device; ``cpu`` means ``cuda``) and ``--engine``."""
+        device = str(args.get("device") or "cuda")
+        return {"device": device if device.startswith("cuda") else "cuda", "engine": args.get("engine")}
+
+    @classmethod
+    def cli_env(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The engine given on the command line, if any."""
+        engine = args.get("engine")
+        return {"engine": str(engine) if engine else None}
 
     def activate_impl(self) -> None:
         """Check TensorRT, CUDA and the sidecar, deserialize the engine and create a context."""

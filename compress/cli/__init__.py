@@ -29,6 +29,7 @@ from compress.cli.options import (
     add_model_args,
     add_train_args,
     config_from_args,
+    target_from_args,
     train_config,
 )
 from compress.cli.run import accuracy_line, load, prepare_data, run, train_meta
@@ -230,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from compress.methods import get_method
 
         config = config_from_args(args)
+        target = target_from_args(args)
+        if target is not None and target.is_latency and target.kind not in get_method(args.method).target_fields:
+            raise UserInputError(f"{target.text()} is reached by measuring compressed models: use `{PROG} run`")
         loaded, example, _, _ = load(args)
         plan = get_method(config.method).plan(loaded.model, config, example, model_name=loaded.name)
         plan.save(args.out)

@@ -17,6 +17,7 @@ __all__ = [
     "add_train_args",
     "all_options",
     "config_from_args",
+    "target_from_args",
     "train_config",
 ]
 
@@ -67,10 +68,13 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method and target")
     g.add_argument("--method", default="tucker2", help=" | ".join(sorted(methods)) + " (README lists every method)")
     for kind, (name, meaning) in TARGET_KINDS.items():
-        if kind in ("ratio", "flops"):
-            g.add_argument(
-                f"--{kind.replace('_', '-')}", type=_target_type(kind), default=None, help=f"{name}: {meaning}"
-            )
+        g.add_argument(f"--{kind.replace('_', '-')}", type=_target_type(kind), default=None, help=f"{name}: {meaning}")
+    g.add_argument(
+        "--latency-threads",
+        type=positive_int,
+        default=1,
+        help="SPEEDUP/LATENCY_MS: ONNX Runtime CPU threads the latency is predicted and measured with (default 1)",
+    )
     g.add_argument("--no-ratio", action="store_true", help="no target: use the method's own knob (EVBMF's ω, …)")
     added: set[str] = set()
     for method in sorted(methods.values(), key=lambda m: (len(m.options) == 0, m.name)):
@@ -89,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from compress.methods.base import ROUND_TO
 
     method = get_method(args.method)
-    target = Target.from_options(ratio=args.ratio, flops=getattr(args, "flops", None))
+    target = target_from_args(args)
     if target is not None and args.no_ratio:
         raise UserInputError(f"give {target.text()} or --no-ratio, not both")
     declared = {o.flag for o in method.options}
@@ -103,7 +107,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
         options.update(option.config_fields(value))
     if ROUND_TO in method.options and "round_to" not in options:
         options["round_to"] = "auto"
+    if target is not None and target.is_latency and target.kind not in method.target_fields:
+        target = None  # compress.latency.solve bisects the method's own RATIO/FLOPS knob from its default
     return method.make_config(target, use_default_target=not args.no_ratio, **options)
+
+
+def target_from_args(args: argparse.Namespace) -> Target | None:
+    """The one target among ``--ratio``, ``--flops``, ``--speedup``, ``--latency-ms`` (two given is an error)."""
+    return Target.from_options(**{kind: getattr(args, kind, None) for kind in TARGET_KINDS})
 
 
 def add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float | None, prefix: str = "") -> None:

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     import torch
 
     from compress.artifacts import save_run
-    from compress.cli.options import config_from_args
+    from compress.cli.options import config_from_args, target_from_args
     from compress.methods import get_method
     from compress.methods.base import Method
     from compress.metrics import count_macs, count_params, output_agreement
@@ -133,9 +133,18 @@ def run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     dense = loaded.model
     compressed = copy.deepcopy(dense)
     t0 = time.perf_counter()
+    latency_target = None if plan is not None else target_from_args(args)
     if plan is not None:
         method.rebuild_(compressed, plan, data=data)
         t_plan, t_apply = 0.0, time.perf_counter() - t0
+    elif latency_target is not None and latency_target.is_latency:  # every method: see compress.latency.solve
+        from compress.latency import LatencyModel
+        from compress.latency.solve import compress_to_latency_
+
+        latency = LatencyModel(threads=args.latency_threads, batch=args.batch)
+        kwargs = {"data": data, "model_name": loaded.name, "latency": latency}
+        plan = compress_to_latency_(method, dense, compressed, config, latency_target, example, **kwargs)
+        t_plan, t_apply = time.perf_counter() - t0, 0.0
     elif type(method).compress_ is Method.compress_:  # plan on the dense model, then apply: timed apart
         plan = method.plan(dense, config, example, data=data, model_name=loaded.name)
         t_plan = time.perf_counter() - t0

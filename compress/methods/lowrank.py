@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.attention import attention_paths_in_plan, unfuse_attention_, unfused_view
 from compress.factorizations import FACTORIZATIONS, Factorization, LayerGeometry, dense_macs, factorization
 from compress.methods.base import EXCLUDE, MIN_RANK, ROUND_TO, Method, Option, finite_float, nonneg_int, register
 from compress.metrics import count_params, trace_geometry
@@ -121,7 +122,12 @@ def plan_lowrank(
     model_name: str = "model",
     filter_fn: FilterFn | None = None,
 ) -> Plan:
-    """Per-layer ranks for the classic factorizations (and ``vbmf-tucker2``'s EVBMF ranks); see the module doc."""
+    """Per-layer ranks for the classic factorizations (and ``vbmf-tucker2``'s EVBMF ranks); see the module doc.
+
+    ``nn.MultiheadAttention`` layers are planned on their unfused view (:mod:`compress.attention`): the
+    plan names their ``q_proj``/``k_proj``/``v_proj``/``out_proj`` Linear layers; ``model`` is not changed.
+    """
+    model = unfused_view(model)
     geometry, order, total_macs = trace_geometry(model, example_input)
     stem = find_stem(model, order, int(example_input.shape[1]))
     conv_fact = factorization(config.conv_method, hooi_iters=config.hooi_iters)
@@ -286,6 +292,8 @@ def _skip_reason(
 def apply_factorizations_(model: nn.Module, plan: Plan, *, init: str = "decompose") -> nn.Module:
     """Replace every planned layer of ``model`` by its registered factorization, in place; return ``model``.
 
+    Attention layers whose unfused projections the plan names are unfused first (:mod:`compress.attention`).
+
     Args:
         model: A fresh base model of the architecture the plan was made for.
         plan: The plan.
@@ -299,6 +307,7 @@ def apply_factorizations_(model: nn.Module, plan: Plan, *, init: str = "decompos
     if init not in ("decompose", "empty"):
         raise ValueError(f"init must be 'decompose' or 'empty', got {init!r}")
     hooi = int(plan.config.get("hooi_iters", 0) or 0)
+    unfuse_attention_(model, attention_paths_in_plan(model, (e.path for e in plan.layers)))
     for entry in plan.factorized_layers:
         module = planned_module(model, entry, plan)
         if entry.action not in FACTORIZATIONS:

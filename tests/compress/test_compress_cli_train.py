@@ -93,6 +93,7 @@ def test_train_writes_weights_log_and_summary(tmp_path):
     assert f"top-1 {100 * summary['result']['final']['top1']:.2f}%" in proc.stdout
 
 
+@pytest.mark.serial  # the kill must land between two checkpoints: keep CPU contention away
 @needs_fmnist
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     out = tmp_path / "train"

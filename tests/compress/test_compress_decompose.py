@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from compress import decompose
-from compress.lowrank import FACTORIZATIONS, LayerGeometry, dense_macs, factorization
+from compress.factorizations import FACTORIZATIONS, LayerGeometry, dense_macs, factorization
 
 CONV_CASES = [
     # (in, out, kernel, stride, padding, dilation, bias)

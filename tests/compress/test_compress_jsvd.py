@@ -18,16 +18,20 @@ from torch import nn
 
 from compress.api import apply_plan_, method_config, plan_compression
 from compress.decompose import fold_spatial, unfold_spatial
-from compress.joint_svd import (
+from compress.methods import get_method
+from compress.methods.jsvd import (
     JointSVDConfig,
     ParallelSum,
-    _max_rank,
+    apply_joint_plan,
     bi_jsvd,
     ljsvd,
+    max_rank,
+    plan_joint_svd,
     rjsvd,
 )
 from compress.metrics import count_macs, count_params
 from compress.plan import Plan
+from compress.targets import Target
 from compress.zoo import create_model
 from lowrank_deploy.errors import CompressionError, UserInputError
 
@@ -290,9 +294,9 @@ def _set_full_rank(plan: Plan, model: nn.Module) -> None:
         members = [m for m in plan.factorized_layers if m.info["group"] == e.info["group"] and m.action == e.action]
         shapes = [tuple(model.get_submodule(m.path).weight.shape) for m in members]
         if e.action == "bijsvd":
-            e.ranks = [1, _max_rank(shapes, "rjsvd")]
+            e.ranks = [1, max_rank(shapes, "rjsvd")]
         else:
-            e.ranks = [_max_rank(shapes, e.action)]
+            e.ranks = [max_rank(shapes, e.action)]
 
 
 @pytest.mark.parametrize(
@@ -439,6 +443,51 @@ def test_config_errors() -> None:
         plan_compression(_model("cifar_resnet34"), method_config("ljsvd", ratio=500.0), X32)
 
 
+def test_target_handling_through_the_method() -> None:
+    method = get_method("ljsvd")
+    by_rho = method.make_config(rho=0.04)  # rho replaces the default RATIO=4
+    assert (by_rho.ratio, by_rho.flops, by_rho.rho) == (None, None, 0.04)
+    assert method.make_config().ratio == 4.0  # no target, no rho: the default RATIO=4
+    assert method.make_config(Target("flops", 0.5)).flops == 0.5
+    with pytest.raises(UserInputError, match="give one target") as err:
+        method.make_config(Target("ratio", 4.0), rho=0.04)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserInputError, match="RATIO"):
+        JointSVDConfig("ljsvd", ratio=float("inf"))
+    with pytest.raises(UserInputError, match="RATIO"):
+        method.make_config(Target("ratio", float("inf")))
+    with pytest.raises(UserInputError, match="FLOPS"):
+        JointSVDConfig("ljsvd", flops=1.0)
+    with pytest.raises(UserInputError, match="rho"):
+        JointSVDConfig("ljsvd", rho=float("nan"))
+    with pytest.raises(UserInputError, match="cannot plan for"):
+        method.make_config(Target("speedup", 2.0))
+    assert [o.flag for o in method.options] == ["--rho", "--bi-p", "--bi-iters", "--exclude"]
+    assert get_method("bijsvd").make_config(rho=0.25, bi_p=0.3, bi_iters=5).bi_iters == 5
+
+
+@pytest.mark.parametrize("name", ["ljsvd", "bijsvd"])
+def test_registry_compress_matches_the_planner_and_applier(name: str) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = create_model(SMALL, num_classes=10).double().eval()
+    config = get_method(name).make_config(rho=0.25, bi_iters=3)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    via_registry = copy.deepcopy(model)
+    plan = get_method(name).compress_(via_registry, config, X32.double(), data=data, model_name=SMALL)
+    direct = copy.deepcopy(model)
+    reference = plan_joint_svd(direct, config, X32.double(), model_name=SMALL)
+    apply_joint_plan(direct, reference)
+    assert plan.to_dict() == reference.to_dict()
+    got, want = via_registry.state_dict(), direct.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    rebuilt = get_method(name).rebuild_(copy.deepcopy(model), Plan.from_dict(plan.to_dict()), data=data)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(rebuilt(x), via_registry(x), rtol=0, atol=0)
+
+
 # ================================================================================================ CLI + run dir
 def test_cli_run_with_rho_and_load_run_keeps_sharing(tmp_path: Path) -> None:
     import os
@@ -475,4 +524,6 @@ def test_cli_run_with_rho_and_load_run_keeps_sharing(tmp_path: Path) -> None:
         env=env,
     )
     assert proc.returncode == 1
-    assert "does not take --rho" in proc.stderr
+    assert "--rho" in proc.stderr  # the flag and the method it does not apply to, in one line
+    assert "tai" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress import Plan, apply_plan_, method_config, plan_compression
-from compress.lowrank_sparse import (
+from compress.methods.lrsd import (
     WEIGHT_ONLY_WARNING,
     LayerStats,
     LowRankSparse,
@@ -545,3 +545,120 @@ def test_finetuning_keeps_the_sparse_support_and_the_two_four_pattern(structured
     assert changed == len(layers)  # the values on the support did train
     assert not any(key.endswith("support_mask") for key in model.state_dict())  # not saved with the weights
     assert all(hasattr(m, "support_mask") for m in layers)
+
+
+# ------------------------------------------------------------------------------------- the method contract
+def _split(n: int = 150):
+    """A small in-memory 1×12×12 training split (uint8 images, 10 classes)."""
+    from compress.data import DataInfo, TensorSplit
+
+    g = _gen(11)
+    images = torch.randint(0, 256, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    info = DataInfo("toy", "tensor", "", 10, 1, 12, (0.5,), (0.25,), tuple("0123456789"), n, 0)
+    return TensorSplit(
+        images, labels, info=info, name="train", augment=True, mean=(0.5,), std=(0.25,), pad=0, flip=False
+    )
+
+
+def test_registry_method_declares_its_contract() -> None:
+    from compress import UserInputError
+    from compress.methods import get_method
+    from compress.methods.base import CALIBRATION_SAMPLES, EXCLUDE, Needs
+    from compress.targets import Target
+
+    method = get_method("lrsd")
+    assert method.config_type is LowRankSparseConfig
+    assert method.needs is Needs.IMAGES
+    assert not method.requires_data
+    flags = [o.flag for o in method.options]
+    assert flags == [
+        "--s-step",
+        "--structured",
+        "--lrsd-mode",
+        "--calibration-samples",
+        "--split",
+        "--lrsd-parts",
+        "--exclude",
+    ]
+    assert CALIBRATION_SAMPLES in method.options
+    assert EXCLUDE in method.options
+    assert method.make_config() == LowRankSparseConfig(ratio=4.0)
+    assert method.make_config(Target("flops", 0.5), split="fixed") == LowRankSparseConfig(flops=0.5, split="fixed")
+    for bad in (float("inf"), float("nan"), 1.0):
+        with pytest.raises(UserInputError, match="RATIO"):
+            LowRankSparseConfig(ratio=bad)
+
+
+def test_registry_compress_equals_the_old_entry_point_on_a_data_loader() -> None:
+    """``get_method("lrsd").compress_(data=loader)`` = ``lrsd_compress_`` on the first n images in batches of 64."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from compress.methods import get_method
+
+    g = _gen(7)
+    images, labels = torch.randn(100, 1, 12, 12, generator=g), torch.randint(0, 10, (100,), generator=g)
+    x = torch.randn(1, 1, 12, 12)
+    cfg = LowRankSparseConfig(ratio=3.0, split_grid=3, split_iters=1, iters=3, calibration_samples=90)
+    old = _small()
+    plan_old = lrsd_compress_(old, cfg, x, [images[:64], images[64:90]], model_name="small")
+    new = _small()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = DataLoader(TensorDataset(images, labels), batch_size=25)  # re-batched to 64 + 26
+        plan_new = get_method("lrsd").compress_(new, cfg, x, data=loader, model_name="small")
+        assert torch.get_num_threads() == 2  # the one-thread solve restores the setting
+    finally:
+        torch.set_num_threads(before)
+    assert plan_new.to_dict() == plan_old.to_dict()
+    assert plan_new.target["calibration"]["images"] == 90
+    for (k, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=k)
+
+
+def test_calibration_loader_gives_the_old_calibration_batches() -> None:
+    """The CLI path (a seeded CalibrationLoader) solves on exactly the old ``calibration_batches(split, n, 64, seed)``."""
+    from compress.methods import get_method
+    from compress.methods.base import CalibrationLoader
+    from compress.methods.lrsd import calibration_batches, calibration_images
+
+    split = _split()
+    old = calibration_batches(split, 130, 64, seed=3)
+    new = calibration_images(CalibrationLoader(split, seed=3), 130)
+    assert [b.shape[0] for b in new] == [64, 64, 2]
+    for a, b in zip(old, new, strict=True):
+        assert torch.equal(a, b)
+    x = torch.zeros(1, 1, 12, 12)
+    cfg = LowRankSparseConfig(ratio=3.0, split="fixed", iters=2, mode="symmetric", calibration_samples=130)
+    before, after = _small(), _small()
+    plan_old = lrsd_compress_(before, cfg, x, old, model_name="small")
+    plan_new = get_method("lrsd").compress_(after, cfg, x, data=CalibrationLoader(split, seed=3), model_name="small")
+    assert plan_new.to_dict() == plan_old.to_dict()
+    for (k, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=k)
+
+
+def test_registry_rebuild_re_solves_a_saved_plan_and_falls_back_without_data() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from compress.methods import get_method
+
+    method = get_method("lrsd")
+    images = torch.cat(_batches())
+    loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=5)
+    x = torch.randn(1, 1, 12, 12)
+    cfg = LowRankSparseConfig(ratio=3.0, split="fixed", iters=3, calibration_samples=16)
+    first = _small()
+    plan = method.compress_(first, cfg, x, data=loader, model_name="small")
+    replay = Plan.from_dict(plan.to_dict())
+    old = _small()
+    lrsd_compress_(old, LowRankSparseConfig.from_dict(replay.config), x, [images], plan=replay)
+    again = method.rebuild_(_small(), Plan.from_dict(plan.to_dict()), data=loader)
+    for (k, a), (_, b) in zip(old.state_dict().items(), again.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=k)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), first(x), atol=1e-6, rtol=1e-6)
+    weight_only = method.compress_(_small(), cfg, x, data=None)
+    assert WEIGHT_ONLY_WARNING in weight_only.warnings
+    assert all(e.info["weight_only"] for e in weight_only.factorized_layers)

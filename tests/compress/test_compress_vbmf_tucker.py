@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from compress.api import apply_plan_, compress_, method_config, plan_compression
+from compress.methods.vbmf_tucker import DenseTraining, VBMFTucker2Config
 from compress.overparam import ExpandedConv2d, OrthogonalityRegularizer, soft_orthogonality
 from compress.ranks import Candidate, rank_rule
-from compress.methods.vbmf_tucker import DenseTraining, VBMFTucker2Config
 from compress.zoo import create_model
 from lowrank_deploy.errors import CompressionError, UserInputError
 
@@ -185,8 +185,8 @@ def fmnist_small():
 def test_overparameterized_training_collapses_to_the_same_function(tmp_path: Path, fmnist_small) -> None:
     from safetensors.torch import load_model
 
-    from compress.train import TrainConfig
     from compress.methods.vbmf_tucker import train_overparameterized
+    from compress.train import TrainConfig
 
     model = create_model("cifar_resnet18_w0.25", num_classes=10, in_channels=1)
     recipe = DenseTraining(expansion=2, orthogonality="so", orth_weight=1e-4)

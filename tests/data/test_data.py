@@ -26,12 +26,11 @@ from compress.data import (
     ImageFolderSplit,
     Split,
     TensorSplit,
-    _augment_params,
-    _splitmix64,
     calibration_subset,
     load_data,
     read_idx,
 )
+from compress.data.seeding import augment_params, splitmix64
 from lowrank_deploy.errors import UserInputError
 
 FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
@@ -553,7 +552,7 @@ def reference_splitmix64(x: int) -> int:
 
 def test_splitmix64_matches_reference() -> None:
     values = [0, 1, 2, -1, -(2**63), 2**63 - 1, 123456789, *torch.randint(-(2**62), 2**62, (200,)).tolist()]
-    got = _splitmix64(torch.tensor(values, dtype=torch.int64)).tolist()
+    got = splitmix64(torch.tensor(values, dtype=torch.int64)).tolist()
     assert [v % 2**64 for v in got] == [reference_splitmix64(v % 2**64) for v in values]
     assert reference_splitmix64(0) == 0xE220A8397B1DCDAF  # published first output of splitmix64(seed 0)
 
@@ -574,7 +573,7 @@ def check_crops_and_flips(split: TensorSplit, indices: torch.Tensor, seeds: torc
     plain, _ = split.batch(indices)
     augmented, _ = split.batch(indices, seeds)
     fill = -torch.tensor(split.info.mean) / torch.tensor(split.info.std)  # a zero pixel, normalised
-    dy, dx, flips = _augment_params(seeds, split.pad, split.flip)
+    dy, dx, flips = augment_params(seeds, split.pad, split.flip)
     for i in range(len(indices)):
         candidates = padded_candidates(plain[i], fill, split.pad)
         matches = [key for key, crop in candidates.items() if torch.allclose(crop, augmented[i], atol=1e-5)]
@@ -586,7 +585,7 @@ def test_augmentation_is_a_crop_and_flip(cifar10: tuple[Dataset, np.ndarray, lis
     assert isinstance(train, TensorSplit)
     check_crops_and_flips(train, torch.arange(20), torch.arange(1000, 1020) * 7919)
     seeds = torch.arange(5000)
-    dy, dx, flips = _augment_params(seeds, 4, True)
+    dy, dx, flips = augment_params(seeds, 4, True)
     assert len(set(zip(dy.tolist(), dx.tolist(), flips.tolist(), strict=True))) == 9 * 9 * 2  # every crop and flip
     assert 0.45 < float(flips.float().mean()) < 0.55
     identity = int(seeds[(dy == 4) & (dx == 4) & ~flips][0])  # no shift, no flip: the original exactly

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from compress.api import apply_plan_, method_config, plan_compression
-from compress.joint_svd import ParallelSum
+from compress.methods.jsvd import ParallelSum
 from compress.metrics import count_params
 from compress.zoo import create_model
 from export import check_onnx_parity, onnx_from_torch, optimize

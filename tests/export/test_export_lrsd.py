@@ -8,7 +8,7 @@ import torch
 from export_helpers import op_counts, ort_run
 from torch import nn
 
-from compress.lowrank_sparse import LowRankSparse, LowRankSparseConfig, lrsd_compress_
+from compress.methods.lrsd import LowRankSparse, LowRankSparseConfig, lrsd_compress_
 from export import check_onnx_parity, onnx_from_torch, optimize
 from export.sparse import sparse_summary, sparsify_initializers
 

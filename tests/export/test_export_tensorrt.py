@@ -234,7 +234,7 @@ def use_trt(monkeypatch):
     def install(version: str, **kw) -> types.ModuleType:
         mod = fake_trt(version, **kw)
         monkeypatch.setitem(sys.modules, "tensorrt", mod)
-        monkeypatch.setattr("runtime.gpu.device_identity", lambda index=0: dict(GPU))
+        monkeypatch.setattr("lowrank_deploy.device.device_identity", lambda index=0: dict(GPU))
         return mod
 
     return install

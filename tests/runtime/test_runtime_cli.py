@@ -61,6 +61,7 @@ def test_report_missing_run_dir(tmp_path, capsys):
     assert "does not exist" in err
 
 
+@pytest.mark.serial  # times real ORT sessions
 def test_bench_then_report(run_cli, run_dir):
     proc = run_cli("bench", "--run-dir", str(run_dir), "--threads", "1", *FAST)
     assert proc.returncode == 0, proc.stderr
@@ -89,6 +90,7 @@ def test_env_prints_json(run_cli):
 # In-process ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.serial  # times real ORT sessions
 def test_bench_sequential_and_batch(run_dir, capsys):
     code, out, _ = _run(["bench", "--run-dir", str(run_dir), "--no-interleave", "--batch", "3", *FAST], capsys)
     assert code == 0
@@ -150,6 +152,7 @@ def test_bench_torch_uses_load_run(run_dir, capsys, monkeypatch, tiny_onnx, onnx
     assert "| compressed | 4 |" in out
 
 
+@pytest.mark.serial  # times real ORT sessions
 def test_onnx_side_by_side(tmp_path, tiny_onnx, onnx_factory, capsys):
     other = onnx_factory("other", channels=2, seed=4)
     out_json = tmp_path / "out" / "cmp.json"

@@ -1,35 +1,14 @@
-"""Training, fine-tuning and evaluation of (compressed) CNNs on the data layer's splits.
-
-One :class:`Trainer` serves dense training and post-compression fine-tuning:
-
-* SGD (momentum, Nesterov) or AdamW; weight decay on every parameter except normalisation layers';
-* a per-step learning-rate schedule (cosine or step, optional linear warm-up) computed from the global
-  step, so a resumed run continues on exactly the same curve without a pickled scheduler;
-* label smoothing, knowledge distillation from a dense teacher (Hinton's T²-scaled KL term), gradient
-  clipping, extra loss terms (:class:`Regularizer`, e.g. orthogonality) logged per epoch;
-* AMP on CUDA (bfloat16 where supported, else float16 with a gradient scaler), channels-last;
-* deterministic seeds: the batch order and augmentation come from the loader's (seed, epoch, step)
-  generators, so the same seed gives the same run, and a resumed run the same losses;
-* checkpoints (``checkpoint.pt``: weights, optimizer, step, history, plan) written atomically after
-  every epoch and read back with ``torch.load(weights_only=True)``; a killed run resumes from the last
-  completed epoch;
-* data-parallel training under ``torchrun`` (DDP: gloo on CPU, NCCL on CUDA): every rank takes its slice
-  of the same global batch, so N processes train the same model as one process with that batch
-  (exactly so for models without BatchNorm; BN statistics are per process, as in any DDP run
-  without SyncBatchNorm, which PyTorch supports only on accelerators — ``sync_bn`` converts on CUDA).
-"""
+"""The :class:`Trainer`: one loop for dense training and post-compression fine-tuning (see :mod:`compress.train`)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,121 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.train.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, LOG_FILE, load_checkpoint, save_checkpoint
+from compress.train.config import TrainConfig
+from compress.train.distributed import distributed_context, resolve_device
+from compress.train.evaluation import Accuracy, evaluate
 from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_path, atomic_write_json
+from lowrank_deploy.io import atomic_write_json
 
 if TYPE_CHECKING:
     from compress.data import Split
 
-__all__ = [
-    "Accuracy",
-    "DistributedContext",
-    "Regularizer",
-    "TrainConfig",
-    "TrainResult",
-    "Trainer",
-    "distributed_context",
-    "evaluate",
-    "load_checkpoint",
-]
-
-CHECKPOINT_FORMAT = "lowrank-deploy-checkpoint/1"
-CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "train_log.json"
-
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a training run (recorded in every checkpoint and log).
-
-    ``lr=None`` takes the optimizer's default (0.1 for SGD, 1e-3 for AdamW); ``milestones`` are epochs
-    (default: 50 % and 75 % of the run) for the ``step`` schedule; ``max_steps`` stops early (tests,
-    smoke runs); ``eval_samples`` evaluates on a fixed seeded subset of the test split (fast mode).
-    """
-
-    epochs: int = 1
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float | None = None
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = ()
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0
-    label_smoothing: float = 0.0
-    kd_alpha: float = 0.0
-    kd_temperature: float = 4.0
-    clip_grad: float | None = None
-    amp: bool = True
-    channels_last: bool = False
-    sync_bn: bool = True
-    seed: int = 0
-    max_steps: int | None = None
-    eval_samples: int | None = None
-    eval_batch_size: int = 512
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise UserInputError(f"epochs must be ≥ 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise UserInputError(f"batch size must be ≥ 1, got {self.batch_size}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserInputError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise UserInputError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        if self.lr is not None and not self.lr > 0:
-            raise UserInputError(f"learning rate must be > 0, got {self.lr}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise UserInputError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0.0 <= self.kd_alpha <= 1.0:
-            raise UserInputError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise UserInputError(f"gradient clipping norm must be > 0, got {self.clip_grad}")
-
-    @property
-    def base_lr(self) -> float:
-        """The peak learning rate."""
-        if self.lr is not None:
-            return self.lr
-        return 0.1 if self.optimizer == "sgd" else 1e-3
-
-    def lr_at(self, step: int, steps_per_epoch: int) -> float:
-        """Learning rate of global step ``step`` (0-based)."""
-        total = max(1, self.epochs * steps_per_epoch)
-        warm = self.warmup_epochs * steps_per_epoch
-        if warm > 0 and step < warm:
-            return self.base_lr * (step + 1) / warm
-        floor = self.base_lr * self.min_lr_ratio
-        if self.schedule == "constant":
-            return self.base_lr
-        if self.schedule == "cosine":
-            t = (step - warm) / max(1.0, total - warm)
-            return floor + (self.base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-        milestones = self.milestones or (0.5 * self.epochs, 0.75 * self.epochs)
-        epoch = step / steps_per_epoch
-        return max(floor, self.base_lr * self.gamma ** sum(epoch >= m for m in milestones))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples become lists)."""
-        d = asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored (older checkpoints)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "milestones" in kw:
-            kw["milestones"] = tuple(kw["milestones"])
-        return cls(**kw)
+__all__ = ["Regularizer", "TrainResult", "Trainer", "parameter_groups"]
 
 
 class Regularizer(Protocol):
@@ -164,207 +39,6 @@ class Regularizer(Protocol):
         ...
 
 
-# --------------------------------------------------------------------------------------------- evaluation
-@dataclass(frozen=True)
-class Accuracy:
-    """Top-1 (and top-5 where there are more than 10 classes) with its 95 % Wilson interval."""
-
-    top1: float
-    n: int
-    ci95: tuple[float, float]
-    loss: float
-    top5: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict."""
-        d = asdict(self)
-        d["ci95"] = list(self.ci95)
-        return d
-
-    def __str__(self) -> str:
-        lo, hi = self.ci95
-        top5 = "" if self.top5 is None else f", top-5 {100 * self.top5:.2f}%"
-        return f"top-1 {100 * self.top1:.2f}% (95% CI {100 * lo:.1f}–{100 * hi:.1f}, n={self.n}){top5}"
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial proportion (good near 0 and 1, unlike the normal one)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def eval_subset(split: Split, max_samples: int | None, seed: int = 0) -> Split:
-    """``split`` itself, or a fixed seeded subset of ``max_samples`` images (the fast mode)."""
-    if max_samples is None or max_samples >= len(split):
-        return split
-    from compress.data import calibration_subset
-
-    return calibration_subset(split, max_samples, seed=seed)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    split: Split,
-    *,
-    batch_size: int = 512,
-    max_samples: int | None = None,
-    device: str | torch.device = "cpu",
-    dist: DistributedContext | None = None,
-    channels_last: bool = False,
-) -> Accuracy:
-    """Top-1/top-5 accuracy and mean cross-entropy of ``model`` (eval mode) on ``split``.
-
-    Under DDP every rank evaluates its slice and the counts are summed, so the result is the same as
-    one process evaluating everything.
-    """
-    from compress.data import BatchLoader
-
-    split = eval_subset(split, max_samples)
-    dist = dist or DistributedContext()
-    num_classes = int(split.info.num_classes)
-    loader = BatchLoader(split, batch_size * dist.world_size, shuffle=False, rank=dist.rank, world_size=dist.world_size)
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss sum, n
-    try:
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            logits = model(images).float()
-            totals[2] += float(F.cross_entropy(logits, labels, reduction="sum"))
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hit = top == labels[:, None]
-            totals[0] += float(hit[:, 0].sum())
-            totals[1] += float(hit.any(dim=1).sum())
-            totals[3] += len(labels)
-    finally:
-        model.train(was_training)
-    totals = dist.all_reduce_sum(totals)
-    n = int(totals[3])
-    if n == 0:
-        raise UserInputError("evaluation split is empty; check DATA and its test folder")
-    c1 = round(float(totals[0]))
-    return Accuracy(
-        top1=c1 / n,
-        n=n,
-        ci95=wilson_interval(c1, n),
-        loss=float(totals[2]) / n,
-        top5=float(totals[1]) / n if num_classes > 10 else None,
-    )
-
-
-# --------------------------------------------------------------------------------------------- distributed
-@dataclass
-class DistributedContext:
-    """Rank and world size of this process; a single process is rank 0 of 1."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes files and prints."""
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        """Whether a process group is in use."""
-        return self.world_size > 1
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over ranks (a copy; CPU tensors for gloo, moved as needed for NCCL)."""
-        if not self.enabled:
-            return tensor
-        import torch.distributed as tdist
-
-        device = torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
-        out = tensor.detach().to(device).clone()
-        tdist.all_reduce(out)
-        return out.cpu()
-
-    def barrier(self) -> None:
-        """Wait for every rank."""
-        if self.enabled:
-            import torch.distributed as tdist
-
-            tdist.barrier()
-
-
-def distributed_context(device: str) -> DistributedContext:
-    """Join the process group torchrun describes (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``), if any.
-
-    gloo on CPU, NCCL on CUDA. A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) needs no group.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistributedContext()
-    import torch.distributed as tdist
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if not tdist.is_initialized():
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        tdist.init_process_group(backend=backend)
-    return DistributedContext(rank=rank, world_size=world, local_rank=local_rank, backend=backend)
-
-
-def resolve_device(device: str, dist: DistributedContext | None = None) -> str:
-    """``auto`` → ``cuda`` when available else ``cpu``; under DDP on CUDA each rank takes its local GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserInputError("--device cuda: no CUDA device is visible to torch; use --device cpu")
-        if dist is not None and dist.enabled and device == "cuda":
-            device = f"cuda:{dist.local_rank}"
-    elif device != "cpu":
-        raise UserInputError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
-    return device
-
-
-# --------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """``torch.save`` to a temporary name and rename: a kill never leaves a half-written checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a training checkpoint with ``weights_only=True``.
-
-    Raises:
-        UserInputError: missing, empty, corrupt or foreign file.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise UserInputError(f"checkpoint {str(p)!r} does not exist; start without --resume or pass the right --out")
-    if p.stat().st_size == 0:
-        raise UserInputError(f"checkpoint {str(p)!r} is empty; delete it and start again")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated/corrupt zip files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise UserInputError(
-            f"checkpoint {str(p)!r} is corrupt or not a weights-only checkpoint ({first}); delete it and start again"
-        ) from None
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise UserInputError(f"{str(p)!r} is not a lowrank-deploy training checkpoint (format {CHECKPOINT_FORMAT})")
-    return obj
-
-
-# --------------------------------------------------------------------------------------------- the trainer
 @dataclass
 class TrainResult:
     """What a finished (or resumed-and-finished) run reports."""

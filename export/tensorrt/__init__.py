@@ -1,0 +1,77 @@
+"""TensorRT engines from our ONNX files, for both API generations (10.x and 11.x).
+
+``tensorrt`` is imported only inside the functions that need it; importing this package is cheap and
+works where TensorRT is absent. The pipeline, one module per step (see ``docs/deployment.md`` §5, §10):
+
+* :mod:`~export.tensorrt.precision` — import/version dispatch, how each generation gets fp16/int8
+  (builder flags on 10.x, an FP16-converted or Q/DQ ONNX on 11.x), and the layer-precision check;
+* :mod:`~export.tensorrt.build` — :class:`BatchProfile`, the :class:`EngineFromOnnx` loader and
+  :func:`engine_from_onnx`;
+* :mod:`~export.tensorrt.calibration` — INT8 calibrators (TensorRT 10 only);
+* :mod:`~export.tensorrt.engine_io` — :func:`save_engine` / :func:`load_engine` with the
+  ``model.plan.json`` sidecar checked against the running TensorRT and GPU.
+
+After a build the requested precision is checked on the engine's layer information (rf-detr#1453:
+TensorRT 11 silently built FP32 when asked for FP16).
+"""
+
+from __future__ import annotations
+
+from export.tensorrt.build import BatchProfile, EngineFromOnnx, OnnxSource, engine_from_onnx
+from export.tensorrt.calibration import (
+    CALIBRATION_ALGORITHMS,
+    CalibrationBatcher,
+    CalibratorCore,
+    DeviceCopy,
+    TorchDeviceCopy,
+    make_calibrator,
+)
+from export.tensorrt.engine_io import (
+    SIDECAR_SUFFIX,
+    BuiltEngine,
+    check_sidecar,
+    load_engine,
+    save_engine,
+    sidecar_path,
+)
+from export.tensorrt.precision import (
+    MODELOPT_HINT,
+    PRECISIONS,
+    BuildPlan,
+    api_generation,
+    check_precision,
+    convert_onnx_to_fp16,
+    has_qdq,
+    layer_precisions,
+    plan_precision,
+    require_tensorrt,
+)
+
+__all__ = [
+    "CALIBRATION_ALGORITHMS",
+    "MODELOPT_HINT",
+    "PRECISIONS",
+    "SIDECAR_SUFFIX",
+    "BatchProfile",
+    "BuildPlan",
+    "BuiltEngine",
+    "CalibrationBatcher",
+    "CalibratorCore",
+    "DeviceCopy",
+    "EngineFromOnnx",
+    "OnnxSource",
+    "TorchDeviceCopy",
+    "api_generation",
+    "check_precision",
+    "check_sidecar",
+    "convert_onnx_to_fp16",
+    "engine_from_onnx",
+    "has_qdq",
+    "layer_precisions",
+    "load_engine",
+    "make_calibrator",
+    "plan_precision",
+    "require_tensorrt",
+    "save_engine",
+    "sidecar_path",
+]
