@@ -32,13 +32,18 @@ RANK_RULE ?=
 EXPANSION ?=
 ORTHO ?=
 STAGES ?=
-PRECISION ?= fp16
+# PRECISION: export fp32 (default; int8|fp16 add `export quantize` before bench), engine fp16 (default).
+PRECISION ?=
 # Extra flags for `python -m export engine` (e.g. ENGINE_ARGS="--max-batch 32 --timing-cache t.cache").
 ENGINE_ARGS ?=
 # tensorrt-stubs for `make lint` (mypy), installed --no-deps beside the venv: the package depends on the
 # `tensorrt` download stub, which cannot be installed without a GPU driver.
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 TYPESTUBS := $(VENV)/typestubs
+# TensorRT 11 ships no .pyi and its bindings cannot be imported without libnvinfer (tensorrt-cu12-libs fetches
+# from NVIDIA's index): `make lint` checks the names the 11.x path uses against the 11.x bindings wheel instead.
+TRT11_BINDINGS := tensorrt-cu12-bindings==11.4.0.106
+TYPESTUBS_TRT11 := $(VENV)/typestubs-trt11
 # Extra flags for `python -m compress run` (e.g. COMPRESS_ARGS="--exclude 'layer1.*'").
 COMPRESS_ARGS ?=
 # Data: DATA=fashion-mnist (Debian package dataset-fashion-mnist, installed by `make data`) or a folder
@@ -53,27 +58,25 @@ EPOCHS ?= 3
 NPROC ?= 1
 # Extra flags for `python -m compress train|finetune` (e.g. TRAIN_ARGS="--lr 0.05 --label-smoothing 0.1").
 TRAIN_ARGS ?=
-FASHION_MNIST_PKG := dataset-fashion-mnist
-FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# Both reach `make data` (and the data loader, which reads FASHION_MNIST_DIR) through the environment: a quote,
+# space or `;` in a value is data, never shell.
+export FASHION_MNIST_PKG := dataset-fashion-mnist
+export FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
 # Run directory: OUT/<model>/<method>; a factory MODEL=path/to/file.py:fn is named file.fn.
-_FACTORY  := $(findstring :,$(MODEL))
-_MODEL_NAME := $(if $(_FACTORY),$(basename $(notdir $(firstword $(subst :, ,$(MODEL))))).$(lastword $(subst :, ,$(MODEL))),$(MODEL))
-RUN_DIR  := $(OUT)/$(_MODEL_NAME)/$(METHOD)
-
-_OPT_TARGET := $(if $(RATIO),--ratio '$(RATIO)',) $(if $(FLOPS),--flops '$(FLOPS)',)
-_OPT_ROUND  := $(if $(ROUND_TO),--round-to $(ROUND_TO),)
-_OPT_RULE   := $(if $(RANK_RULE),--rank-rule $(RANK_RULE),)
-_OPT_THREADS := $(if $(THREADS),--threads $(THREADS),)
-_OPT_METHOD := $(if $(EXPANSION),--expansion $(EXPANSION),) $(if $(ORTHO),--orthogonality $(ORTHO),) $(if $(STAGES),--stages $(STAGES),)
-_OPT_EVAL   := $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES),)
-_OPT_DATA   := $(if $(DATA),--data '$(DATA)' --train-epochs $(TRAIN_EPOCHS) --finetune-epochs $(FINETUNE_EPOCHS) $(_OPT_EVAL),)
+# export/train/finetune/engine run `python -m lowrank_deploy` (the `lowrank-deploy` console script), which
+# reads every variable below from the environment as LRD_<NAME>: a value reaches it as one string, never
+# through the shell (a quote, space or `;` in a value is data, and a bad value is refused before any stage
+# writes). Extra-flag variables (COMPRESS_ARGS, TRAIN_ARGS, ENGINE_ARGS) are split with shlex, not a shell.
+SPEEDUP ?=
+LATENCY_MS ?=
+DYNAMIC_BATCH ?=
+_LRD_VARS := MODEL METHOD RATIO FLOPS SPEEDUP LATENCY_MS WEIGHTS BATCH OUT BACKEND DURATION THREADS ROUND_TO \
+	RANK_RULE EXPANSION ORTHO STAGES DATA TRAIN_EPOCHS FINETUNE_EPOCHS EVAL_SAMPLES PRECISION DYNAMIC_BATCH \
+	COMPRESS_ARGS EPOCHS NPROC TRAIN_ARGS ENGINE_ARGS
+$(foreach v,$(_LRD_VARS),$(eval export LRD_$(v) = $$($(v))))
 # The data prerequisite: installs Fashion-MNIST with apt when DATA=fashion-mnist and it is missing.
 _DATA_DEP   := $(if $(filter fashion-mnist,$(DATA)),data,)
-_DATA_NAME  := $(if $(filter fashion-mnist,$(DATA)),fashion-mnist,$(notdir $(patsubst %/,%,$(DATA))))
-_FT_EPOCHS  := $(if $(filter 0,$(FINETUNE_EPOCHS)),1,$(FINETUNE_EPOCHS))
-TRAIN_DIR   := $(OUT)/$(_MODEL_NAME)/train-$(_DATA_NAME)
-_LAUNCH     := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m,$(PY) -m)
 
 .PHONY: help venv data export train finetune engine test test-all lint bench clean
 
@@ -83,9 +86,10 @@ help:
 	@echo "            [BATCH=1] [OUT=artifacts] [BACKEND=ort|torch] [DURATION=10] [ROUND_TO=8]"
 	@echo "            [RANK_RULE=uniform|param-reduction|evbmf|energy] [EXPANSION=4 ORTHO=so|srip|none STAGES=1 (vbmf-tucker2)]"
 	@echo "            [DATA=fashion-mnist|folder] [TRAIN_EPOCHS=0] [FINETUNE_EPOCHS=0] [EVAL_SAMPLES=N]"
+	@echo "            [PRECISION=fp32|int8|fp16 (int8/fp16: quantized copies timed and reported beside FP32)]"
 	@echo "make train  MODEL=cifar_resnet18_w0.25 DATA=fashion-mnist [EPOCHS=3] [NPROC=1] [TRAIN_ARGS=...]"
 	@echo "make finetune MODEL=... METHOD=... DATA=... [FINETUNE_EPOCHS=1] [NPROC=1]  fine-tune a run directory"
-	@echo "make data   install Fashion-MNIST (apt package $(FASHION_MNIST_PKG)) when it is missing"
+	@echo "make data   install Fashion-MNIST (apt package $$FASHION_MNIST_PKG) when it is missing"
 	@echo "make test   run the test suite (CPU; GPU/TensorRT/Jetson tests skip with a reason)"
 	@echo "make engine MODEL=... METHOD=... PRECISION=fp16|fp32|int8 [ENGINE_ARGS=...]  TensorRT engines (needs TensorRT + GPU)"
 	@echo "make lint   ruff check + format check, mypy on the TensorRT modules, hadolint on docker/"
@@ -99,37 +103,29 @@ venv: $(STAMP)
 
 # Fashion-MNIST from Debian (no download from the internet): apt-get as root, else through sudo.
 data:
-	@if [ -f '$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz' ]; then exit 0; fi; \
-	echo "installing $(FASHION_MNIST_PKG) with apt"; \
+	@if [ -f "$$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ]; then exit 0; fi; \
+	case "$$FASHION_MNIST_PKG" in [a-z0-9]*) ;; *) echo "error: FASHION_MNIST_PKG=$$FASHION_MNIST_PKG is not a Debian package name" >&2; exit 1;; esac; \
+	case "$$FASHION_MNIST_PKG" in *[!a-z0-9.+-]*) echo "error: FASHION_MNIST_PKG=$$FASHION_MNIST_PKG is not a Debian package name" >&2; exit 1;; esac; \
+	echo "installing $$FASHION_MNIST_PKG with apt"; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; \
-	else echo "error: Fashion-MNIST is missing and this user cannot run apt-get; install the Debian package $(FASHION_MNIST_PKG) (or set DATA=<folder>)" >&2; exit 1; fi; \
-	{ $$SUDO apt-get install -y -q $(FASHION_MNIST_PKG) >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q $(FASHION_MNIST_PKG) >/dev/null; }; } \
-	|| { echo "error: could not install the Debian package $(FASHION_MNIST_PKG) with apt-get; install it by hand (or set DATA=<folder>)" >&2; exit 1; }
+	else echo "error: Fashion-MNIST is missing and this user cannot run apt-get; install the Debian package $$FASHION_MNIST_PKG (or set DATA=<folder>)" >&2; exit 1; fi; \
+	{ $$SUDO apt-get install -y -q "$$FASHION_MNIST_PKG" >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q "$$FASHION_MNIST_PKG" >/dev/null; }; } \
+	|| { echo "error: could not install the Debian package $$FASHION_MNIST_PKG with apt-get; install it by hand (or set DATA=<folder>)" >&2; exit 1; }
 
 export: $(STAMP) $(_DATA_DEP)
-	$(PY) -m compress run --model '$(MODEL)' --method '$(METHOD)' $(_OPT_TARGET) --weights '$(WEIGHTS)' \
-		--batch '$(BATCH)' --run-dir '$(RUN_DIR)' $(_OPT_ROUND) $(_OPT_RULE) $(_OPT_METHOD) $(_OPT_DATA) $(COMPRESS_ARGS)
-	$(PY) -m export onnx --run-dir '$(RUN_DIR)' --batch '$(BATCH)'
-	$(PY) -m runtime bench --run-dir '$(RUN_DIR)' --backend '$(BACKEND)' --batch '$(BATCH)' --duration '$(DURATION)' $(_OPT_THREADS)
-	$(PY) -m runtime report --run-dir '$(RUN_DIR)'
-	@echo "report: $(RUN_DIR)/report.md"
+	$(PY) -m lowrank_deploy export
 
 # Train a model on DATA into OUT/<model>/train-<data>/ (resumes a checkpoint with the same settings).
 train: $(STAMP) $(_DATA_DEP)
-	@test -n '$(DATA)' || { echo "error: make train needs DATA=fashion-mnist or DATA=<folder>" >&2; exit 1; }
-	$(_LAUNCH) compress train --model '$(MODEL)' --weights '$(WEIGHTS)' --data '$(DATA)' --epochs '$(EPOCHS)' \
-		--out '$(TRAIN_DIR)' $(_OPT_EVAL) $(TRAIN_ARGS)
-	@echo "weights: $(TRAIN_DIR)/model.safetensors (make export MODEL=$(MODEL) WEIGHTS=$(TRAIN_DIR)/model.safetensors DATA=$(DATA))"
+	$(PY) -m lowrank_deploy train
 
 # Fine-tune the compressed model of OUT/<model>/<method> (written by make export) on DATA.
 finetune: $(STAMP) $(_DATA_DEP)
-	@test -n '$(DATA)' || { echo "error: make finetune needs DATA=fashion-mnist or DATA=<folder>" >&2; exit 1; }
-	$(_LAUNCH) compress finetune --run-dir '$(RUN_DIR)' --data '$(DATA)' --epochs '$(_FT_EPOCHS)' $(_OPT_EVAL) $(TRAIN_ARGS)
+	$(PY) -m lowrank_deploy finetune
 
 # TensorRT engines from the ONNX files `make export` wrote (run on the target GPU / Jetson).
 engine: $(STAMP)
-	@test -f '$(RUN_DIR)/model.onnx' || { echo "$(RUN_DIR)/model.onnx is missing; run make export MODEL=$(MODEL) METHOD=$(METHOD) first"; exit 1; }
-	$(PY) -m export engine --run-dir '$(RUN_DIR)' --precision '$(PRECISION)' $(ENGINE_ARGS)
+	$(PY) -m lowrank_deploy engine
 
 # The default suite: everything but slow accuracy runs. Timing-sensitive (serial) tests first, alone in one
 # process; then the rest on 2 xdist workers (this is a 2-core machine). Exit code 5 (none selected) passes.
@@ -147,14 +143,21 @@ $(TYPESTUBS)/.installed: $(STAMP)
 		'$(TYPESTUBS)/tensorrt_bindings/tensorrt.pyi'
 	@touch $@
 
-lint: $(STAMP) $(TYPESTUBS)/.installed
+$(TYPESTUBS_TRT11)/.installed: $(STAMP)
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps -d '$(TYPESTUBS_TRT11)' '$(TRT11_BINDINGS)'
+	@touch $@
+
+lint: $(STAMP) $(TYPESTUBS)/.installed $(TYPESTUBS_TRT11)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy export/tensorrt runtime/trt_runner.py
+	$(PY) -m export.tensorrt.surface $(TYPESTUBS_TRT11)/tensorrt_cu12_bindings-*.whl
 	$(VENV)/bin/hadolint docker/Dockerfile.x86 docker/Dockerfile.jetson
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only
 
+# OUT reaches rm as one argument (LRD_OUT from the environment): OUT="runs b" deletes exactly `runs b`.
 clean:
-	rm -rf $(OUT)
+	@test -n "$$LRD_OUT" || { echo "error: make clean needs OUT=<folder>" >&2; exit 1; }
+	rm -rf -- "$$LRD_OUT"

@@ -45,7 +45,8 @@ from benchmarks.accuracy_harness import (
     write_results,
 )
 from compress.api import compress_, method_config
-from compress.methods.cc import CollaborativeConfig, cc_compress_, gradient_batches
+from compress.methods.base import CalibrationLoader
+from compress.methods.cc import CollaborativeConfig
 from compress.metrics import count_macs, count_params
 from compress.train import TrainConfig
 
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prepared, dense, data, input_shape = baseline.prepared, baseline.model, baseline.data, baseline.input_shape
     example = torch.zeros(input_shape)
     train_cfg, training, dense_acc = baseline.train_config, baseline.training, baseline.accuracy
-    batches = gradient_batches(data.train, args.calibration_samples, seed=args.seed)
+    # the first calibration_samples images of the seeded calibration order, in batches of 128 (CC re-batches)
+    batches = CalibrationLoader(data.train, seed=args.seed, batch_size=128)
     dense_params, dense_macs = count_params(dense), count_macs(dense, example)
     rows: dict[str, Any] = {
         "dense": {
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
 
                 def apply(m: nn.Module, config: Any = config, box: list[Any] = box) -> Any:
-                    box.append(cc_compress_(m, config, example, batches, model_name=prepared.loaded.name))
+                    box.append(compress_(m, config, example, data=batches, model_name=prepared.loaded.name))
                     return box[-1]
 
             print(f"[{key}] compress + fine-tune …", file=sys.stderr)

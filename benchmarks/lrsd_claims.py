@@ -46,7 +46,9 @@ from benchmarks.accuracy_harness import (
     speedup_text,
     write_results,
 )
-from compress.methods.lrsd import LowRankSparseConfig, calibration_batches, lrsd_compress_
+from compress.api import compress_
+from compress.methods.base import CalibrationLoader
+from compress.methods.lrsd import LowRankSparseConfig
 from compress.metrics import count_macs, count_params
 from compress.train import TrainConfig
 
@@ -82,7 +84,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     prepared, dense, data, input_shape = baseline.prepared, baseline.model, baseline.data, baseline.input_shape
     example = torch.zeros(input_shape)
     train_cfg, training, dense_acc = baseline.train_config, baseline.training, baseline.accuracy
-    batches = calibration_batches(data.train, args.calibration_samples, 64, seed=args.seed)
+    batches = CalibrationLoader(data.train, seed=args.seed)  # LRSD takes calibration_samples images, batches of 64
     dense_params = count_params(dense)
     rows: dict[str, Any] = {
         "dense": {
@@ -98,7 +100,6 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     finetune = TrainConfig(
         epochs=1, lr=args.finetune_lr, warmup_epochs=0, max_steps=args.finetune_steps, seed=args.seed
     )
-    threads = torch.get_num_threads()
     for ratio in args.ratios:
         for arm in args.arms:
             key = f"{arm}-x{ratio:g}"
@@ -106,11 +107,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             box: list[Any] = []
 
             def apply(m: nn.Module, config: LowRankSparseConfig = config, box: list[Any] = box) -> Any:
-                torch.set_num_threads(1)  # thousands of small float64 solves: one thread is fastest (see CLI)
-                try:
-                    plan = lrsd_compress_(m, config, example, batches, model_name=prepared.loaded.name)
-                finally:
-                    torch.set_num_threads(threads)
+                # the method solves on one thread (thousands of small float64 products) and restores the setting
+                plan = compress_(m, config, example, data=batches, model_name=prepared.loaded.name)
                 box.append(plan)
                 return plan
 

@@ -23,7 +23,9 @@ from torch import nn
 from compress.api import apply_plan_
 from compress.models import load_model
 from compress.plan import Plan
+from lowrank_deploy.checks import check_finite_module
 from lowrank_deploy.errors import UserInputError
+from lowrank_deploy.integrity import DIGESTS, file_digests
 from lowrank_deploy.io import atomic_path, ensure_writable_dir, read_json
 from lowrank_deploy.rundir import COMPRESS_JSON, DENSE_WEIGHTS, MODEL_WEIGHTS, PLAN_JSON, CompressRecord
 
@@ -72,6 +74,7 @@ def save_run(
         save_model(compressed, str(tmp))
     plan.save(folder / PLAN_FILE)
     record = info if isinstance(info, CompressRecord) else CompressRecord.from_dict(info)
+    record.extra[DIGESTS] = file_digests(folder, (PLAN_FILE, DENSE_WEIGHTS, MODEL_WEIGHTS))  # what later stages check
     record.write(folder / INFO_FILE)
     return folder
 
@@ -114,5 +117,6 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunArtifacts:
                 f"{folder / name} does not match the plan ({len(missing)} missing, {len(unexpected)} unexpected tensors); "
                 "re-run the compress stage"
             )
+        check_finite_module(model, str(folder / name))
         model.eval()
     return RunArtifacts(run_dir=folder, info=info, plan=plan, dense=dense, compressed=compressed)

@@ -65,8 +65,9 @@ class UnfusedMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` (inference semantics) with its four projections as stock ``nn.Linear``.
 
     Same call signature and outputs as ``nn.MultiheadAttention.forward``; build one with :meth:`from_mha`.
-    The attention itself is written out (scaled ``q @ kᵀ``, additive mask, softmax, ``@ v``) so the ONNX
-    export is plain MatMul/Softmax whatever the projections become.
+    Without ``need_weights`` the attention is ``F.scaled_dot_product_attention``, as in
+    ``nn.MultiheadAttention``; with it, it is written out (scaled ``q @ kᵀ``, additive mask, softmax,
+    ``@ v``). Either way the opset-18 ONNX export is plain MatMul/Softmax whatever the projections become.
 
     Args:
         embed_dim: Model width ``E``.
@@ -166,21 +167,26 @@ class UnfusedMultiheadAttention(nn.Module):
         q = self.q_proj(q_in).reshape(n, length, h, d).transpose(1, 2)
         k = self.k_proj(k_in).reshape(n, source, h, d).transpose(1, 2)
         v = self.v_proj(v_in).reshape(n, source, h, d).transpose(1, 2)
-        scores = torch.matmul(q * (1.0 / math.sqrt(d)), k.transpose(-2, -1))  # (N, H, L, S)
-        mask = self._additive_mask(attn_mask, key_padding_mask, is_causal, n, length, source, scores.dtype)
-        if mask is not None:
-            scores = scores + mask
-        attn = torch.softmax(scores, dim=-1)
-        if self.training and self.dropout > 0.0:
-            attn = F.dropout(attn, p=self.dropout)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(n, length, self.embed_dim)
+        mask = self._additive_mask(attn_mask, key_padding_mask, is_causal, n, length, source, q.dtype)
+        attn = None
+        if need_weights or (self.training and self.dropout > 0.0):
+            scores = torch.matmul(q * (1.0 / math.sqrt(d)), k.transpose(-2, -1))  # (N, H, L, S)
+            if mask is not None:
+                scores = scores + mask
+            attn = torch.softmax(scores, dim=-1)
+            if self.training and self.dropout > 0.0:
+                attn = F.dropout(attn, p=self.dropout)
+            context = torch.matmul(attn, v)
+        else:  # as nn.MultiheadAttention without weights: the exported pattern ONNX Runtime fuses
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = context.transpose(1, 2).reshape(n, length, self.embed_dim)
         out = self.out_proj(out)
         if not (self.batch_first and not unbatched):
             out = out.transpose(0, 1)
         if unbatched:
             out = out.squeeze(1)
         weights = None
-        if need_weights:
+        if need_weights and attn is not None:
             weights = attn.mean(dim=1) if average_attn_weights else attn
             if unbatched:
                 weights = weights.squeeze(0)

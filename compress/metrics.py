@@ -29,11 +29,19 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
 def trace_geometry(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, LayerGeometry], list[str], int]:
     """Run one forward pass; record each Conv2d/Linear's spatial sizes, the call order and total MACs.
 
+    ``nn.MultiheadAttention`` runs on its unfused view (:func:`compress.attention.unfused_view`): its
+    eval-mode fast path has no FLOP formula (it counted 0 MACs), and its projections get their geometry
+    under the unfused paths (``attn.q_proj`` … ``attn.out_proj``).
+
     Returns:
         ``(geometry by module path, paths in the order their forward ran, MACs of the pass)``. A module
         called more than once keeps its first geometry. MACs are counted as in :func:`count_macs`.
     """
     from torch.utils.flop_counter import FlopCounterMode
+
+    from compress.attention import unfused_view
+
+    model = unfused_view(model)
 
     geometry: dict[str, LayerGeometry] = {}
     order: list[str] = []

@@ -40,6 +40,7 @@ from torch import nn
 
 from compress.task_models import DETECTION_MODELS, SEGMENTATION_MODELS, default_input_size, task_of, wrap_task_model
 from compress.zoo import create_model, is_zoo_spec, list_zoo_models, parse_zoo_name
+from lowrank_deploy.checks import check_state_dict
 from lowrank_deploy.errors import UserInputError
 
 __all__ = [
@@ -332,15 +333,22 @@ def _from_factory(spec: str) -> nn.Module:
     module = importlib.util.module_from_spec(loader_spec)
     try:
         loader_spec.loader.exec_module(module)
-    except Exception as exc:  # the user's own code: report it in one line
-        raise UserInputError(f"importing {file_part!r} failed: {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # the user's own code: report it in one line
+        raise UserInputError(f"importing {file_part!r} failed: {type(exc).__name__}: {_first_line(exc)}") from None
     factory = getattr(module, fn_name, None)
     if not callable(factory):
         raise UserInputError(f"{file_part!r} has no function {fn_name!r}; use MODEL=path/to/file.py:function")
-    model = factory()
+    try:
+        model = factory()
+    except (Exception, SystemExit) as exc:  # a factory that raises or calls sys.exit: one line, no traceback
+        raise UserInputError(f"the model factory {spec!r} failed: {type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise UserInputError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 # ------------------------------------------------------------------------------------------------ weight files
@@ -412,6 +420,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | os
             f"weights file {str(source)!r} does not match the model: {'; '.join(detail)}; "
             "check MODEL and the number of classes"
         )
+    check_state_dict(state, own, str(source))  # NaN/inf, integer or all-zero weights refused; fp16 converted
     model.load_state_dict(state)
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +28,7 @@ __all__ = [
     "hw_list",
     "keep_entry",
     "layer_params",
+    "layer_progress",
     "pair",
     "plan_totals",
     "planned_module",
@@ -171,3 +174,15 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, leaf, new)
+
+
+def layer_progress(total: int, desc: str, *, enabled: bool | None = None) -> Any:
+    """A per-layer tqdm bar on stderr (count, rate and ETA), or tqdm's no-op stand-in when disabled.
+
+    As the trainer's bar: shown when ``enabled``, or with ``enabled=None`` only when stderr is a terminal.
+    Call ``update(1)`` per finished layer and ``close()`` at the end (or use it as a context manager).
+    """
+    from tqdm import tqdm
+
+    show = enabled if enabled is not None else sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False, disable=not show)

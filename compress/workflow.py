@@ -293,6 +293,10 @@ def finetune_run(
         with atomic_path(folder / MODEL_WEIGHTS) as tmp:
             save_model(compressed, str(tmp))
         info["accuracy"] = accuracy
+        from lowrank_deploy.integrity import DIGESTS, file_digests
+
+        if DIGESTS in info:  # the fine-tuned weights are what later stages must find
+            info[DIGESTS] = file_digests(folder, info[DIGESTS])
         CompressRecord.from_dict(info).write(folder / INFO_FILE)
     return accuracy
 

@@ -4,7 +4,9 @@
 to ``DIR/dense.onnx`` and ``DIR/model.onnx`` (both optimized), checks ONNX Runtime against PyTorch and
 writes ``DIR/parity.json``. ``python -m export check FILE.onnx`` prints a graph summary as JSON.
 ``python -m export engine --run-dir DIR --precision fp16`` builds TensorRT engines ``DIR/model.plan``
-(and ``DIR/dense.plan``) with JSON sidecars from those ONNX files; it needs TensorRT and a GPU.
+(and ``DIR/dense.plan``) with JSON sidecars from those ONNX files; it needs TensorRT and a GPU (with
+``--precision int8`` from ``DIR/model.int8.trt.onnx`` when present). ``python -m export quantize --run-dir DIR
+--precision int8|fp16`` writes quantized copies and ``DIR/quantize.json`` (:mod:`export.quantize`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,18 @@ from export.parity import DEFAULT_ATOL, DEFAULT_RTOL, check_onnx_parity
 from export.passes import optimize
 from lowrank_deploy.cli import ArgumentParser, run_main
 from lowrank_deploy.errors import ParityError, UserInputError
+from lowrank_deploy.integrity import DIGESTS, INPUTS, file_digests, run_lock, verify_chain
 from lowrank_deploy.io import ensure_writable_dir
 from lowrank_deploy.rundir import (
     COMPRESSED,
     DENSE,
     DENSE_ONNX,
+    DENSE_WEIGHTS,
     MODEL_ENGINE,
     MODEL_ONNX,
+    MODEL_WEIGHTS,
+    PLAN_JSON,
+    QUANTIZED_FILES,
     SPARSE_ONNX,
     ParityRecord,
     RunDir,
@@ -78,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
     eng.add_argument("--timing-cache", type=Path, default=None, help="timing cache file to load and update")
     eng.add_argument("--skip-dense", action="store_true", help="build model.plan only, not dense.plan")
+    eng.add_argument(
+        "--sparse-weights",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="BuilderFlag.SPARSE_WEIGHTS: auto (default) sets it when weights follow the 2:4 pattern (LRSD --structured 2:4)",
+    )
+    eng.add_argument(
+        "--skip-parity", action="store_true", help="do not compare the engine with ONNX Runtime after the build"
+    )
+    eng.add_argument("--parity-seed", type=int, default=0, help="seed of the parity inputs (default 0)")
+    eng.add_argument("--parity-atol", type=float, default=None, help="parity atol (default by precision)")
+    eng.add_argument("--parity-rtol", type=float, default=None, help="parity rtol (default by precision)")
+
+    from export.quantize import add_parser as add_quantize_parser
+
+    add_quantize_parser(sub)
 
     chk = sub.add_parser("check", help="validate an ONNX file and print its graph summary as JSON")
     chk.add_argument("file", type=Path, help="ONNX file")
@@ -89,8 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args.file)
     if args.command == "engine":
-        return _build_engines(args)
-    return _export_run(args)
+        with run_lock(args.run_dir):
+            return _build_engines(args)
+    if args.command == "quantize":
+        from export.quantize import run_cli
+
+        with run_lock(args.run_dir):
+            return run_cli(args)
+    with run_lock(args.run_dir):
+        return _export_run(args)
 
 
 def _check(path: Path) -> int:
@@ -112,6 +142,7 @@ def _export_run(args: argparse.Namespace) -> int:
         ) from None
     import torch
 
+    verify_chain(args.run_dir, "export")  # plan and weights are the ones compress.json describes
     run = load_run(args.run_dir)  # validates the directory before anything is written into it
     run_dir = ensure_writable_dir(args.run_dir)
     input_shape = tuple(int(d) for d in run.input_shape)
@@ -123,8 +154,11 @@ def _export_run(args: argparse.Namespace) -> int:
         "dynamic_batch": bool(args.dynamic_batch),
         "atol": args.atol,
         "rtol": args.rtol,
+        INPUTS: file_digests(run_dir, (PLAN_JSON, DENSE_WEIGHTS, MODEL_WEIGHTS)),
     }
     failures = []
+    for stale in QUANTIZED_FILES:  # derived from the ONNX files rewritten below
+        (run_dir / stale).unlink(missing_ok=True)
     for key, filename in OUTPUTS:
         model = run.dense if key == DENSE else run.compressed
         example = torch.zeros(input_shape, dtype=torch.float32)
@@ -155,6 +189,9 @@ def _export_run(args: argparse.Namespace) -> int:
                 record["sparse_onnx"] = sparse
                 if not sparse["passed"]:
                     failures.append(f"{key} ({SPARSE_FILE}): max_abs {sparse['max_abs']:.3g}")
+    if "sparse_onnx" not in record:  # a sparse copy of an earlier run must not stay beside this one
+        RunDir(run_dir).sparse_onnx.unlink(missing_ok=True)
+    record[DIGESTS] = file_digests(run_dir, (DENSE_ONNX, MODEL_ONNX, SPARSE_ONNX))
     path = ParityRecord.from_dict(record).write(RunDir(run_dir).parity_json)
     print(f"wrote {path}")
     if failures:
@@ -163,7 +200,14 @@ def _export_run(args: argparse.Namespace) -> int:
 
 
 def _build_engines(args: argparse.Namespace) -> int:
-    from export.tensorrt import BatchProfile, EngineFromOnnx, require_tensorrt, save_engine
+    from export.tensorrt import (
+        BatchProfile,
+        EngineFromOnnx,
+        engine_parity,
+        record_parity,
+        require_tensorrt,
+        save_engine,
+    )
 
     require_tensorrt()  # one-line error naming the container before anything else
     opt = args.opt_batch
@@ -178,16 +222,21 @@ def _build_engines(args: argparse.Namespace) -> int:
     models = [COMPRESSED]
     if not args.skip_dense and rd.onnx(DENSE).is_file():
         models.insert(0, DENSE)
+    parity_failures: list[str] = []
     for which in models:
         plan_name = rd.engine(which).name
         start = time.perf_counter()
+        source = rd.onnx(which)
+        if args.precision == "int8" and rd.quantized(which, "int8", "tensorrt").is_file():
+            source = rd.quantized(which, "int8", "tensorrt")  # symmetric Q/DQ: explicit quantization
         loader = EngineFromOnnx(
-            rd.onnx(which),
+            source,
             precision=args.precision,
             batch=profile,
             workspace_mib=args.workspace_mib,
             opt_level=args.opt_level,
             timing_cache=args.timing_cache,
+            sparse_weights={"auto": None, "on": True, "off": False}[args.sparse_weights],
         )
         built = loader()
         built.metadata["build_s"] = round(time.perf_counter() - start, 3)
@@ -198,6 +247,26 @@ def _build_engines(args: argparse.Namespace) -> int:
             f"{args.precision} on {built.metadata['gpu_name']}  layers {check.get('layer_precisions')}  "
             f"built in {built.metadata['build_s']:.1f} s"
         )
+        if not args.skip_parity:
+            parity = engine_parity(
+                path,
+                rd.onnx(which),
+                precision=args.precision,
+                batch=profile.opt,
+                seed=args.parity_seed,
+                atol=args.parity_atol,
+                rtol=args.parity_rtol,
+            )
+            record_parity(path, parity)
+            verdict = "PASS" if parity["passed"] else "FAIL"
+            print(
+                f"{plan_name:<11} parity vs ONNX Runtime {verdict}: max_abs {parity['max_abs']:.3g} rel_l2 "
+                f"{parity['rel_l2']:.3g} (atol {parity['atol']:g}, rtol {parity['rtol']:g}, batch {parity['batch']})"
+            )
+            if not parity["passed"]:
+                parity_failures.append(f"{plan_name}: max_abs {parity['max_abs']:.3g}")
+    if parity_failures:
+        raise ParityError(f"TensorRT vs ONNX Runtime parity failed for {'; '.join(parity_failures)}")
     return 0
 
 

@@ -258,7 +258,7 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
     try:
         model = onnx.load(str(p))
-    except (DecodeError, OSError, ValueError, RuntimeError) as exc:
+    except (DecodeError, OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:  # external data too
         raise UserInputError(f"{str(p)!r} is not a readable ONNX model ({first_line(exc)}); {fix}") from None
     if not model.HasField("graph") or not model.opset_import or model.ir_version <= 0:
         raise UserInputError(f"{str(p)!r} is not an ONNX model (no graph or opset); {fix}")

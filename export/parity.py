@@ -295,7 +295,11 @@ def _compare_with_runner(
                 raise ParityError(
                     f"output shapes differ: PyTorch {list(refs[-1].shape)} vs ONNX Runtime {list(acts[-1].shape)}"
                 )
-    result = compare_outputs(np.concatenate(refs), np.concatenate(acts), atol=atol, rtol=rtol)
+    ref_all, act_all = np.concatenate(refs), np.concatenate(acts)
+    result = compare_outputs(ref_all, act_all, atol=atol, rtol=rtol)
+    nonfinite = int(np.count_nonzero(~np.isfinite(ref_all)) + np.count_nonzero(~np.isfinite(act_all)))
+    if nonfinite:  # NaN/inf outputs are a broken model even where PyTorch and ONNX Runtime agree on them
+        result = dataclasses.replace(result, passed=False, n_failed=max(result.n_failed, nonfinite))
     if raise_on_failure and not result.passed:
         raise ParityError(f"ONNX Runtime output differs from PyTorch: {result}")
     return result

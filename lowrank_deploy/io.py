@@ -85,6 +85,10 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
         return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserInputError(f"{what} {str(p)!r} is not valid JSON ({exc}); delete it and re-run") from None
+    except RecursionError:
+        raise UserInputError(
+            f"{what} {str(p)!r} is nested too deeply to be a valid file; delete it and re-run"
+        ) from None
 
 
 def _json_default(obj: Any) -> Any:

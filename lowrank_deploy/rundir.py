@@ -29,6 +29,9 @@ __all__ = [
     "COMPRESS_JSON",
     "DENSE",
     "DENSE_ENGINE",
+    "DENSE_FP16_ONNX",
+    "DENSE_INT8_ONNX",
+    "DENSE_INT8_TRT_ONNX",
     "DENSE_ONNX",
     "DENSE_WEIGHTS",
     "ENGINE_SIDECAR_SUFFIX",
@@ -37,10 +40,16 @@ __all__ = [
     "LATENCY_PNG",
     "MODELS",
     "MODEL_ENGINE",
+    "MODEL_FP16_ONNX",
+    "MODEL_INT8_ONNX",
+    "MODEL_INT8_TRT_ONNX",
     "MODEL_ONNX",
     "MODEL_WEIGHTS",
     "PARITY_JSON",
     "PLAN_JSON",
+    "QUANTIZED_FILES",
+    "QUANTIZE_JSON",
+    "QUANTIZE_TRT_JSON",
     "RAW_WEIGHTS",
     "REPORT_JSON",
     "REPORT_MD",
@@ -52,8 +61,10 @@ __all__ = [
     "JsonRecord",
     "LatencyRecord",
     "ParityRecord",
+    "QuantizedRecord",
     "RunDir",
     "model_key",
+    "quantized_key",
 ]
 
 # File names -------------------------------------------------------------------------------------------
@@ -76,6 +87,19 @@ SPARSE_ONNX = "model.sparse.onnx"
 """export: the compressed ONNX with mostly-zero weights stored as sparse initializers (LRSD)."""
 PARITY_JSON = "parity.json"
 """export: ONNX Runtime vs PyTorch error of both models (:class:`ParityRecord`)."""
+DENSE_INT8_ONNX = "dense.int8.onnx"
+MODEL_INT8_ONNX = "model.int8.onnx"
+"""export quantize --precision int8: the ONNX Runtime (CPU) INT8 models in the chosen format."""
+DENSE_FP16_ONNX = "dense.fp16.onnx"
+MODEL_FP16_ONNX = "model.fp16.onnx"
+"""export quantize --precision fp16: float16 compute, float32 inputs and outputs (GPU runtimes, TensorRT 11)."""
+DENSE_INT8_TRT_ONNX = "dense.int8.trt.onnx"
+MODEL_INT8_TRT_ONNX = "model.int8.trt.onnx"
+"""export quantize --target tensorrt: symmetric int8 Q/DQ (explicit quantization) that `export engine` builds."""
+QUANTIZE_JSON = "quantize.json"
+"""export quantize: formats, calibration, float layers, agreement with FP32 (:class:`QuantizedRecord`)."""
+QUANTIZE_TRT_JSON = "quantize.trt.json"
+"""export quantize --target tensorrt: the same record for the TensorRT Q/DQ files."""
 DENSE_ENGINE = "dense.plan"
 MODEL_ENGINE = "model.plan"
 ENGINE_SIDECAR_SUFFIX = ".json"
@@ -104,6 +128,13 @@ STAGE_HINTS: dict[str, str] = {
     DENSE_ENGINE: "build it with `python -m export engine --run-dir {run_dir}`",
     MODEL_ENGINE: "build it with `python -m export engine --run-dir {run_dir}`",
     LATENCY_JSON: "run `python -m runtime bench --run-dir {run_dir}` first",
+    DENSE_INT8_ONNX: "run `python -m export quantize --run-dir {run_dir} --precision int8` first",
+    MODEL_INT8_ONNX: "run `python -m export quantize --run-dir {run_dir} --precision int8` first",
+    DENSE_FP16_ONNX: "run `python -m export quantize --run-dir {run_dir} --precision fp16` first",
+    MODEL_FP16_ONNX: "run `python -m export quantize --run-dir {run_dir} --precision fp16` first",
+    QUANTIZE_JSON: "run `python -m export quantize --run-dir {run_dir}` first",
+    DENSE_INT8_TRT_ONNX: "run `python -m export quantize --run-dir {run_dir} --precision int8 --target tensorrt` first",
+    MODEL_INT8_TRT_ONNX: "run `python -m export quantize --run-dir {run_dir} --precision int8 --target tensorrt` first",
 }
 """File name → what to run to create it (``{run_dir}`` is filled in)."""
 
@@ -111,7 +142,21 @@ _FILES: dict[str, dict[str, str]] = {
     "onnx": {DENSE: DENSE_ONNX, COMPRESSED: MODEL_ONNX},
     "weights": {DENSE: DENSE_WEIGHTS, COMPRESSED: MODEL_WEIGHTS},
     "engine": {DENSE: DENSE_ENGINE, COMPRESSED: MODEL_ENGINE},
+    "int8": {DENSE: DENSE_INT8_ONNX, COMPRESSED: MODEL_INT8_ONNX},
+    "fp16": {DENSE: DENSE_FP16_ONNX, COMPRESSED: MODEL_FP16_ONNX},
+    "int8-tensorrt": {DENSE: DENSE_INT8_TRT_ONNX, COMPRESSED: MODEL_INT8_TRT_ONNX},
 }
+QUANTIZED_FILES: tuple[str, ...] = (
+    DENSE_INT8_ONNX,
+    MODEL_INT8_ONNX,
+    DENSE_FP16_ONNX,
+    MODEL_FP16_ONNX,
+    DENSE_INT8_TRT_ONNX,
+    MODEL_INT8_TRT_ONNX,
+    QUANTIZE_JSON,
+    QUANTIZE_TRT_JSON,
+)
+"""Files derived from dense.onnx / model.onnx by `export quantize` (stale once those are rewritten)."""
 
 
 def model_key(which: str) -> str:
@@ -125,6 +170,11 @@ def model_key(which: str) -> str:
     if which in ("model", COMPRESSED):
         return COMPRESSED
     raise UserInputError(f"unknown model {which!r} of a run directory; use 'dense' or 'model' (compressed)")
+
+
+def quantized_key(which: str, precision: str = "int8") -> str:
+    """Key of a quantized model in latency.json: ``"dense_int8"``, ``"compressed_int8"``."""
+    return f"{model_key(which)}_{precision}"
 
 
 class RunDir:
@@ -158,6 +208,13 @@ class RunDir:
     def engine(self, which: str) -> Path:
         """``dense.plan`` or ``model.plan``."""
         return self.path / _FILES["engine"][model_key(which)]
+
+    def quantized(self, which: str, precision: str = "int8", target: str = "ort") -> Path:
+        """``dense.int8.onnx`` / ``model.int8.onnx`` (``.fp16.onnx``; ``.int8.trt.onnx`` for ``target="tensorrt"``)."""
+        kind = f"{precision}-tensorrt" if target == "tensorrt" else precision
+        if kind not in _FILES or kind in ("onnx", "weights", "engine"):
+            raise UserInputError(f"no quantized file for precision {precision!r} and target {target!r}")
+        return self.path / _FILES[kind][model_key(which)]
 
     plan_json = property(lambda self: self.path / PLAN_JSON, doc="plan.json")
     compress_json = property(lambda self: self.path / COMPRESS_JSON, doc="compress.json")
@@ -193,6 +250,11 @@ class RunDir:
     def read_latency(self) -> LatencyRecord:
         """``latency.json`` as a :class:`LatencyRecord`."""
         return LatencyRecord.read(self.require(LATENCY_JSON))
+
+    def read_quantized(self) -> QuantizedRecord | None:
+        """``quantize.json`` as a :class:`QuantizedRecord`, or ``None`` when the run was not quantized."""
+        path = self.path / QUANTIZE_JSON
+        return QuantizedRecord.read(path) if path.is_file() else None
 
 
 # Records ----------------------------------------------------------------------------------------------
@@ -391,3 +453,62 @@ class LatencyRecord(JsonRecord):
     def stats(self, key: str) -> dict[str, Any] | None:
         """``results[key]`` (``key`` as the runner was named: ``"dense"``, ``"compressed"``, ...), or ``None``."""
         return self.results.get(key)
+
+
+@dataclass(kw_only=True)
+class QuantizedRecord(JsonRecord):
+    """``quantize.json`` (and ``quantize.trt.json``): what ``python -m export quantize`` did.
+
+    ``dense`` / ``compressed`` are ``{"file", "format", "onnx_bytes", "fp32_onnx_bytes", "agreement": {"rel_l2",
+    "cosine", "top1", "max_abs", "n", "finite"}, "float_layers": [...]}``; ``calibration`` is ``{"source", "n",
+    "method", "seed"}``; ``candidates`` (``--format auto``) maps ``"dense"`` / ``"compressed"`` to each format
+    tried (timing, agreement, gate result, ``chosen``) and the FP32 model timed in the same run;
+    ``accuracy`` (with data) is ``{"dense", "compressed"}``, each ``{"top1", "top5", "ci95", "n", "loss"}``.
+    """
+
+    FILE: ClassVar[str] = QUANTIZE_JSON
+    REQUIRED: ClassVar[tuple[str, ...]] = ("precision", "format", "dense", "compressed")
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"candidates", "accuracy", "timing_note", "inputs", "digests"})
+
+    precision: str
+    target: str | None = None
+    format: str
+    calibration: dict[str, Any] | None = None
+    float_rule: dict[str, Any] | None = None
+    float_layers: list[str] | None = None
+    gate: dict[str, Any] | None = None
+    candidates: dict[str, Any] | None = None
+    dense: dict[str, Any]
+    compressed: dict[str, Any]
+    accuracy: dict[str, Any] | None = None
+    cpu: dict[str, Any] | None = None
+    timing_note: str | None = None
+    warnings: list[str] | None = None
+    wall_s: float | None = None
+    inputs: dict[str, str] | None = None
+    digests: dict[str, str] | None = None
+
+    def report_block(self, results: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The report's ``"quantized"`` entry; latencies from latency.json ``results`` (``None`` if not timed)."""
+        out: dict[str, Any] = {
+            "precision": self.precision,
+            "format": self.format,
+            "calibration": self.calibration,
+            "float_layers": list(self.float_layers or []),
+        }
+        for key in MODELS:
+            entry = getattr(self, key) or {}
+            stats = (results or {}).get(quantized_key(key, self.precision))
+            latency = None
+            if isinstance(stats, Mapping) and all(q in stats for q in ("p50", "p90", "p99")):
+                latency = {q: stats[q] for q in ("p50", "p90", "p99")}
+            out[key] = {
+                "onnx_bytes": entry.get("onnx_bytes"),
+                "latency_ms": latency,
+                "agreement": entry.get("agreement"),
+                "format": entry.get("format"),
+            }
+        out["warnings"] = list(self.warnings or [])
+        if self.timing_note:
+            out["timing_note"] = self.timing_note
+        return out

@@ -15,8 +15,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lowrank_deploy.checks import MAX_BATCH, MAX_ITERS, count_arg, duration_arg
 from lowrank_deploy.cli import ArgumentParser, run_main
 from lowrank_deploy.errors import UserInputError
+from lowrank_deploy.integrity import INPUTS, file_digests, run_lock, verify_chain
+from lowrank_deploy.rundir import (
+    DENSE_ENGINE,
+    DENSE_INT8_ONNX,
+    DENSE_ONNX,
+    DENSE_WEIGHTS,
+    MODEL_ENGINE,
+    MODEL_INT8_ONNX,
+    MODEL_ONNX,
+    MODEL_WEIGHTS,
+)
 
 PROG = "runtime"
 
@@ -45,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument(
         "--engine", type=Path, default=None, help="trt: engine to time (default DIR/model.plan, plus DIR/dense.plan)"
     )
+    jetson = bench.add_argument_group("Jetson")
+    jetson.add_argument(
+        "--tegrastats",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample tegrastats (power, RAM, GPU load, clocks) beside the timed runs into latency.json "
+        "(default: on when /etc/nv_tegra_release exists)",
+    )
+    jetson.add_argument("--tegrastats-interval", type=int, default=100, metavar="MS", help="sampling interval")
     _add_timing_args(bench)
 
     report = sub.add_parser(
@@ -82,25 +103,63 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_device_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("device")
     group.add_argument("--device", default="cpu", help="cpu (default), cuda, or tensorrt (ort only)")
-    group.add_argument("--threads", type=int, default=None, help="intra-op threads (ort) / torch threads")
+    group.add_argument(
+        "--threads", type=count_arg("--threads", high=4096), default=None, help="intra-op threads (ort) / torch threads"
+    )
     group.add_argument(
         "--spin",
         action="store_true",
         help="let ONNX Runtime threads spin-wait (its default; off here because interleaved sessions then "
         "steal each other's cores)",
     )
+    ort_gpu = parser.add_argument_group("ONNX Runtime on GPU (ort with --device cuda / tensorrt)")
+    ort_gpu.add_argument("--trt-fp16", action="store_true", help="TensorRT EP: trt_fp16_enable")
+    ort_gpu.add_argument(
+        "--trt-engine-cache", type=Path, default=None, metavar="DIR", help="TensorRT EP: engine/timing cache folder"
+    )
+    ort_gpu.add_argument(
+        "--no-io-binding", action="store_true", help="feed host arrays to session.run instead of device bindings"
+    )
+    ort_gpu.add_argument(
+        "--no-cpu-nodes", action="store_true", help="refuse models ONNX Runtime would partly place on the CPU"
+    )
 
 
 def _add_timing_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("timing")
-    group.add_argument("--batch", type=int, default=1, help="batch size of the generated inputs (default 1)")
-    group.add_argument("--duration", type=float, default=10.0, help="measurement budget in s for all models")
     group.add_argument(
-        "--iters", type=int, default=None, help="exact timed iterations per model (overrides --duration)"
+        "--batch",
+        type=count_arg("--batch", high=MAX_BATCH),
+        default=1,
+        help="batch size of the generated inputs (default 1)",
     )
-    group.add_argument("--min-iters", type=int, default=20, help="minimum timed iterations per model (default 20)")
-    group.add_argument("--warmup", type=float, default=1.0, help="minimum warm-up seconds per model (default 1.0)")
-    group.add_argument("--warmup-iters", type=int, default=10, help="minimum warm-up iterations per model (default 10)")
+    group.add_argument(
+        "--duration", type=duration_arg("--duration"), default=10.0, help="measurement budget in s for all models"
+    )
+    group.add_argument(
+        "--iters",
+        type=count_arg("--iters", low=-MAX_ITERS),  # the low end: BenchmarkConfig's message
+        default=None,
+        help="exact timed iterations per model (overrides --duration)",
+    )
+    group.add_argument(
+        "--min-iters",
+        type=count_arg("--min-iters", low=-MAX_ITERS),
+        default=20,
+        help="minimum timed iterations per model (default 20)",
+    )
+    group.add_argument(
+        "--warmup",
+        type=duration_arg("--warmup", allow_zero=True),
+        default=1.0,
+        help="minimum warm-up seconds per model (default 1.0)",
+    )
+    group.add_argument(
+        "--warmup-iters",
+        type=count_arg("--warmup-iters", low=0),
+        default=10,
+        help="minimum warm-up iterations per model (default 10)",
+    )
     group.add_argument("--no-interleave", action="store_true", help="measure models one after the other")
     group.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
@@ -109,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand; returns the exit code."""
     args = build_parser().parse_args(argv)
     command = {"bench": _cmd_bench, "report": _cmd_report, "onnx": _cmd_onnx, "env": _cmd_env}[args.command]
+    if args.command in ("bench", "report"):  # one writer per run directory
+        with run_lock(args.run_dir):
+            return command(args)
     return command(args)
 
 
@@ -126,18 +188,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         raise UserInputError(f"run directory {str(run_dir)!r} does not exist; run the compress and export stages first")
     config = _config(args)
+    verify_chain(run_dir, "bench")  # the ONNX files are the ones the export checked, of the current weights
+    timed = (DENSE_ONNX, MODEL_ONNX, DENSE_INT8_ONNX, MODEL_INT8_ONNX, DENSE_WEIGHTS, MODEL_WEIGHTS)
+    inputs = file_digests(run_dir, (*timed, DENSE_ENGINE, MODEL_ENGINE))
     cli = vars(args)
     runners = cls.bench_runners(run_dir, **cls.cli_options(cli))
 
-    result = benchmark(runners, _feed_factory(args.batch, args.seed), config)
-    env = capture_environment({**cls.cli_env(cli), "command": "bench", "device": args.device, "seed": args.seed})
-    record = write_latency(run_dir, result, env, backend=args.backend, batch=args.batch)
-    gpu_compute = _gpu_compute(runners, result)
-    if gpu_compute:
-        from lowrank_deploy.rundir import LatencyRecord, RunDir
+    from runtime.jetson import bench_sampler, jetson_record
 
+    sampler = bench_sampler(args.tegrastats, interval_ms=args.tegrastats_interval)
+    result = benchmark(runners, _feed_factory(args.batch, args.seed), config, monitor=sampler)
+    env = capture_environment({**cls.cli_env(cli), "command": "bench", "device": args.device, "seed": args.seed})
+    jetson = jetson_record(sampler)
+    extra = {"jetson": jetson} if jetson is not None else None
+    record = write_latency(run_dir, result, env, backend=args.backend, batch=args.batch, extra=extra)
+    gpu_compute = _gpu_compute(runners, result)
+    from lowrank_deploy.rundir import LatencyRecord, RunDir
+
+    if gpu_compute:
         record["gpu_compute"] = gpu_compute
-        LatencyRecord.from_dict(record).write(RunDir(run_dir).latency_json)
+    record[INPUTS] = inputs  # what was timed: the report combines only files of one run
+    LatencyRecord.from_dict(record).write(RunDir(run_dir).latency_json)
     print(latency_markdown(record))
     for key, stats in gpu_compute.items():
         host = record["results"][key]
@@ -202,8 +273,12 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
 
 def _cmd_env(args: argparse.Namespace) -> int:
     from runtime.env import capture_environment
+    from runtime.ort_runner import ort_install_problem
 
     print(json.dumps(capture_environment(), indent=2))
+    problem = ort_install_problem()
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 

@@ -8,12 +8,23 @@ The NVML queries and the device identity live in :mod:`lowrank_deploy.device` (s
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from lowrank_deploy.device import device_identity, nvml_device, try_nvml_device
 from lowrank_deploy.errors import RuntimeUnavailableError
 
-__all__ = ["CudaEventTimer", "device_identity", "nvml_device", "torch_cuda_memory", "try_nvml_device"]
+__all__ = [
+    "CudaEventTimer",
+    "device_identity",
+    "engine_markdown",
+    "engine_records",
+    "latency_gpu_lines",
+    "nvml_device",
+    "torch_cuda_memory",
+    "try_nvml_device",
+]
 
 
 def torch_cuda_memory(device: str = "cuda") -> dict[str, int]:
@@ -75,3 +86,84 @@ class CudaEventTimer:
             raise RuntimeError("CudaEventTimer.elapsed_s() needs start() and stop() first")
         self._stop.synchronize()
         return float(self._start.elapsed_time(self._stop)) / 1e3
+
+
+# Report sections: TensorRT engines, ONNX Runtime node placement, Jetson --------------------------------
+
+
+def engine_records(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What the engine sidecars of a run directory say (``dense.plan.json``, ``model.plan.json``).
+
+    Returns:
+        ``{"dense"|"compressed": {"file", "precision", "tensorrt_version", "gpu_name", "engine_bytes",
+        "profile", "build_flags", "parity", "sparsity"}}`` for each engine built, or ``None`` when none was.
+    """
+    from lowrank_deploy.io import read_json
+    from lowrank_deploy.rundir import ENGINE_SIDECAR_SUFFIX, MODELS, RunDir
+
+    rd = RunDir(run_dir)
+    out: dict[str, Any] = {}
+    for key in MODELS:
+        plan = rd.engine(key)
+        side = plan.with_name(plan.name + ENGINE_SIDECAR_SUFFIX)
+        if not plan.is_file() or not side.is_file():
+            continue
+        meta = read_json(side, what="engine sidecar")
+        out[key] = {"file": plan.name, **{k: meta.get(k) for k in _ENGINE_KEYS}}
+    return out or None
+
+
+_ENGINE_KEYS = (
+    "precision",
+    "tensorrt_version",
+    "gpu_name",
+    "engine_bytes",
+    "profile",
+    "build_flags",
+    "parity",
+    "sparsity",
+)
+
+
+def engine_markdown(engines: Mapping[str, Any] | None) -> list[str]:
+    """Markdown bullets per engine: precision, TensorRT/GPU, parity against ONNX Runtime, 2:4 sparsity."""
+    lines = []
+    for eng in (engines or {}).values():
+        parity = eng.get("parity") or {}
+        if parity.get("skipped"):
+            par = f"parity not checked ({parity['skipped']})"
+        elif parity:
+            verdict = "PASS" if parity.get("passed") else "FAIL"
+            par = (
+                f"parity vs ONNX Runtime {verdict}: max_abs {parity.get('max_abs', 0):.3g}, rel_l2 "
+                f"{parity.get('rel_l2', 0):.3g} (atol {parity.get('atol')}, rtol {parity.get('rtol')}, "
+                f"batch {parity.get('batch')}, seed {parity.get('seed')})"
+            )
+        else:
+            par = "parity not recorded"
+        sparse = eng.get("sparsity") or {}
+        sp = ""
+        if sparse.get("sparse_weights_flag"):
+            picked = sparse.get("sparse_tactic_layers")
+            sp = f"; SPARSE_WEIGHTS set ({len(sparse.get('tensors_2to4') or [])} 2:4 weight tensors), " + (
+                "sparse tactics: unknown" if picked is None else f"sparse tactics picked for {len(picked)} layer(s)"
+            )
+        lines.append(
+            f"TensorRT {eng.get('file')}: {eng.get('precision')}, TensorRT {eng.get('tensorrt_version')} on "
+            f"{eng.get('gpu_name')}; {par}{sp}"
+        )
+    return lines
+
+
+def latency_gpu_lines(record: Mapping[str, Any]) -> list[str]:
+    """Extra Markdown for ``latency.md`` / ``report.md``: ORT node placement per runner and Jetson sampling."""
+    from runtime.jetson import jetson_markdown
+    from runtime.ort_runner import placement_lines
+
+    lines: list[str] = []
+    for key, info in (record.get("runners") or {}).items():
+        placement = info.get("placement") if isinstance(info, Mapping) else None
+        lines += [f"- {key}, ONNX Runtime placement — {line}" for line in placement_lines(placement)]
+    lines += [f"- Jetson: {line}" for line in jetson_markdown(record.get("jetson"))]
+    lines += [f"- {line}" for line in engine_markdown(record.get("engines"))]
+    return [*lines, ""] if lines else []

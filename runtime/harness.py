@@ -284,6 +284,8 @@ def benchmark(
     runners: Mapping[str, Runner],
     feeds: Mapping[str, Feed] | Feed | FeedFactory,
     config: BenchmarkConfig | None = None,
+    *,
+    monitor: contextlib.AbstractContextManager[Any] | None = None,
 ) -> BenchmarkResult:
     """Warm up and time several runners on the same machine, interleaved by default.
 
@@ -301,6 +303,8 @@ def benchmark(
         feeds: one feed shared by all runners, runner key → feed, or a callable ``(key, runner) -> feed``
             called after activation (e.g. to build inputs from the runner's input metadata).
         config: warm-up and measurement settings; default :class:`BenchmarkConfig()`.
+        monitor: a context manager entered around the timed phase only (after warm-up), e.g.
+            :class:`runtime.jetson.TegrastatsSampler` sampling power and clocks beside the timed runs.
 
     Raises:
         UserInputError: for no runners, or per-runner feeds that miss a runner; also whatever the
@@ -333,7 +337,8 @@ def benchmark(
         warmup = _warm_up(runners, keys, per_runner, config)
         gc.collect()
         order: list[str] = []
-        samples = _measure(runners, keys, per_runner, config, order)
+        with monitor if monitor is not None else contextlib.nullcontext():
+            samples = _measure(runners, keys, per_runner, config, order)
 
         for key in keys:
             memory["runners"][key]["runner"] = runners[key].memory()

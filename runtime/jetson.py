@@ -138,11 +138,16 @@ def summarize(samples: Sequence[TegrastatsSample]) -> dict[str, Any] | None:
             temps[sensor] = max(value, temps.get(sensor, value))
     freqs = [f for s in samples for f in s.gpu_freq_mhz]
     rams = [s.ram_used_mb for s in samples if s.ram_used_mb is not None]
+    emc = [s.emc_freq_mhz for s in samples if s.emc_freq_mhz is not None]
+    cpu = [f for s in samples for f in s.cpu_freq_mhz if f is not None]
     return {
         "samples": len(samples),
         "gpu_load_mean_pct": sum(loads) / len(loads) if loads else None,
         "gpu_load_max_pct": max(loads) if loads else None,
         "gpu_freq_max_mhz": max(freqs) if freqs else None,
+        "gpu_freq_min_mhz": min(freqs) if freqs else None,
+        "emc_freq_max_mhz": max(emc) if emc else None,
+        "cpu_freq_max_mhz": max(cpu) if cpu else None,
         "ram_used_peak_mb": max(rams) if rams else None,
         "ram_total_mb": samples[-1].ram_total_mb,
         "power_mean_mw": {rail: sum(v) / len(v) for rail, v in rails.items()},
@@ -316,3 +321,81 @@ def jetson_state(root: str | os.PathLike[str] = "/", nvpmodel: str = "nvpmodel")
     out["clocks_maxed"] = clocks["clocks_maxed"] if clocks else None
     out["clocks_reason"] = reason
     return out
+
+
+# Wiring into `python -m runtime bench` ----------------------------------------------------------------
+
+TEGRA_RELEASE = "etc/nv_tegra_release"
+"""Present on every Jetson (L4T); its existence turns tegrastats sampling on by default."""
+
+
+def is_jetson(root: str | os.PathLike[str] = "/") -> bool:
+    """Whether ``root/etc/nv_tegra_release`` exists (an L4T / JetPack system)."""
+    return (Path(root) / TEGRA_RELEASE).is_file()
+
+
+def bench_sampler(
+    mode: bool | None, *, interval_ms: int = 100, root: str | os.PathLike[str] = "/"
+) -> TegrastatsSampler | None:
+    """The tegrastats sampler for a benchmark, or ``None`` when sampling is off.
+
+    ``mode`` True (``--tegrastats``: tegrastats required), False (off), or ``None`` (automatic: on a
+    Jetson, tolerating a missing binary).
+
+    Raises:
+        UserInputError: for an interval < 1 ms.
+    """
+    if mode is False or (mode is None and not is_jetson(root)):
+        return None
+    return TegrastatsSampler(interval_ms, required=bool(mode))
+
+
+def jetson_record(
+    sampler: TegrastatsSampler | None, state: dict[str, Any] | None = None, *, root: str | os.PathLike[str] = "/"
+) -> dict[str, Any] | None:
+    """``latency.json``'s ``jetson`` entry: tegrastats summary over the timed runs, power mode and clocks.
+
+    Returns ``None`` when no sampler ran. ``state`` defaults to :func:`jetson_state` read now.
+    """
+    if sampler is None:
+        return None
+    return {
+        "tegrastats": sampler.summary(),
+        "tegrastats_reason": sampler.reason,
+        "state": state if state is not None else jetson_state(root),
+    }
+
+
+def jetson_markdown(record: dict[str, Any] | None) -> list[str]:
+    """Markdown bullets for a ``jetson`` entry (power per rail, RAM, GPU load, clocks, power mode)."""
+    if not record:
+        return []
+    lines: list[str] = []
+    stats = record.get("tegrastats")
+    if stats:
+        rails = stats.get("power_mean_mw") or {}
+        power = ", ".join(f"{rail} {mw / 1e3:.2f} W" for rail, mw in rails.items()) or "no rails"
+        lines += [
+            f"Power (mean over {stats.get('samples')} tegrastats samples, {stats.get('interval_ms')} ms): {power}",
+            f"RAM peak {stats.get('ram_used_peak_mb')} / {stats.get('ram_total_mb')} MB; GPU load mean "
+            f"{_num(stats.get('gpu_load_mean_pct'))} %, max {stats.get('gpu_load_max_pct')} %",
+            f"Clocks: GPU {stats.get('gpu_freq_min_mhz')}–{stats.get('gpu_freq_max_mhz')} MHz, EMC max "
+            f"{stats.get('emc_freq_max_mhz')} MHz, CPU max {stats.get('cpu_freq_max_mhz')} MHz",
+        ]
+    else:
+        lines.append(f"tegrastats: no samples ({record.get('tegrastats_reason') or 'nothing parsed'})")
+    state = record.get("state") or {}
+    mode = state.get("nvpmodel")
+    mode_text = f"{mode['name']} (id {mode['id']})" if mode else f"unknown ({state.get('nvpmodel_reason')})"
+    maxed = state.get("clocks_maxed")
+    clocks = (
+        "unknown (" + str(state.get("clocks_reason")) + ")"
+        if maxed is None
+        else ("pinned at max (jetson_clocks)" if maxed else "not pinned (jetson_clocks not run)")
+    )
+    lines.append(f"Power mode: {mode_text}; GPU clocks {clocks}")
+    return lines
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.1f}"

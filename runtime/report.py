@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_deploy.integrity import stale_sparse_onnx, verify_chain
 from lowrank_deploy.io import atomic_path, atomic_write_json, atomic_write_text
 from lowrank_deploy.rundir import (
     COMPRESSED,
@@ -33,11 +34,15 @@ from lowrank_deploy.rundir import (
     PARITY_JSON,
     REPORT_JSON,
     REPORT_MD,
+    SPARSE_ONNX,
     STAGE_HINTS,
     LatencyRecord,
     RunDir,
 )
+from runtime.gpu import engine_records, latency_gpu_lines
 from runtime.harness import BenchmarkResult
+from runtime.report_quantized import quantized_accuracy, quantized_block, quantized_markdown, speedup_quantized_p50
+from runtime.report_target import latency_model_block, profile_lines, target_block, target_markdown
 
 BASELINE = DENSE
 CANDIDATE = COMPRESSED
@@ -98,8 +103,11 @@ def write_latency(
     *,
     backend: str,
     batch: int,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``latency.json``, ``latency.md`` and ``latency.png`` into ``run_dir``; return the JSON dict.
+
+    ``extra`` adds top-level keys (e.g. ``jetson``: tegrastats summary, power mode and clocks).
 
     Without matplotlib (a bare device) the plot is skipped with a note on stderr.
 
@@ -107,6 +115,7 @@ def write_latency(
     """
     rd = RunDir(run_dir)
     record = latency_record(result, env, backend=backend, batch=batch)
+    record.update(extra or {})
     LatencyRecord.from_dict(record).write(rd.latency_json)
     atomic_write_text(rd.latency_md, latency_markdown(record))
     samples = {key: entry["samples_ms"] for key, entry in record["results"].items()}
@@ -146,6 +155,7 @@ def latency_markdown(record: Mapping[str, Any]) -> str:
         f"≥ {cfg.get('warmup_iters')} iterations and ≥ {cfg.get('warmup_s')} s per model."
     )
     lines.append("")
+    lines += latency_gpu_lines(record)
     return "\n".join(lines)
 
 
@@ -242,11 +252,23 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
          "sparse_storage": null | {"params_values", "params_with_index", "ratio_values", "ratio_with_index",
                                    "macs_sparse_kernel", "macs_2to4"},  # low-rank + sparse (LRSD) runs
          "warnings": [the method's plan warnings, e.g. a weight-only fallback without calibration data],
-         "ratios": {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency", "flops_reduction"},
+         "ratios": {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency", "flops_reduction",
+                    "speedup_quantized_p50": dense FP32 p50 / compressed quantized p50, or null},
+         "target": {"kind": "ratio"|"flops"|"speedup"|"latency_ms"|null, "value", "achieved", "met"},
+         "latency_model": {"backend", "predicted_ms", "measured_ms", "relative_error", "table", ...},
+                          # see runtime.report_target (null fields without a SPEEDUP/LATENCY_MS target)
+         "quantized": null | {"precision", "format", "calibration": {"source", "n", "method", "seed"},
+                      "float_layers": [{"model", "node", "op", "reason"}], "warnings": [...],
+                      "dense": {"onnx_bytes", "latency_ms": {"p50", "p90", "p99"} | null, "agreement"},
+                      "compressed": {same}}   # from quantize.json (python -m export quantize)
          "weights_warning": str | null, "agreement": from compress.json,
          "accuracy": null (no DATA) | {"data", "n", "dense", "raw", "finetuned"}, each {"top1", "top5",
-                     "ci95", "n", "loss"} or null (finetuned: null without FINETUNE_EPOCHS),
-         "env": from latency.json, "artifacts": [file names in the run directory]}
+                     "ci95", "n", "loss"} or null (finetuned: null without FINETUNE_EPOCHS);
+                     + "quantized": {"dense", "compressed"} (ONNX Runtime) when quantize.json has them,
+         "env": from latency.json, "artifacts": [file names in the run directory],
+         "runners": {key: {"placement": provider → nodes}} (ort on a GPU provider; else {}),
+         "jetson": null | latency.json's tegrastats summary + power mode/clocks,
+         "engines": null | {key: engine sidecar: precision, TensorRT, GPU, parity vs ORT, 2:4 sparsity}}
 
     ``ratios.params`` and ``ratios.macs`` are dense / compressed; ``speedup_p50`` is
     p50(dense) / p50(compressed); ``efficiency`` is ``speedup_p50 / ratios.macs`` (1.0 means the MAC
@@ -263,6 +285,8 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     comp = rd.read_compress()
     parity = rd.read_parity()
     latency = rd.read_latency()
+    verify_chain(folder, "report")  # every file combined here comes from one run
+    stale = {SPARSE_ONNX} if stale_sparse_onnx(folder) else set()
 
     sides = {}
     for side in (BASELINE, CANDIDATE):
@@ -289,10 +313,13 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "efficiency": _ratio(speedup_p50, macs_ratio),
         "flops_reduction": None if not macs_ratio else 1.0 - 1.0 / macs_ratio,
     }
+    quantized = quantized_block(rd, latency)  # quantize.json + the int8 rows of latency.json, or None
+    ratios["speedup_quantized_p50"] = speedup_quantized_p50(sides, quantized)
     par_c = _require(parity.to_dict(), CANDIDATE, PARITY_JSON, folder)
     par_d = _require(parity.to_dict(), BASELINE, PARITY_JSON, folder)
     artifacts = sorted(
-        {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")} | {REPORT_JSON, REPORT_MD}
+        {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in stale}
+        | {REPORT_JSON, REPORT_MD}
     )
     report = {
         "model": comp.model,
@@ -310,16 +337,28 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "rtol": parity.rtol,
         },
         "parity_dense": {"max_abs": par_d.get("max_abs"), "max_rel": par_d.get("max_rel")},
-        "sparse_onnx": _sparse_onnx(parity.sparse_onnx),
+        "sparse_onnx": None if stale else _sparse_onnx(parity.sparse_onnx),
         "sparse_storage": _sparse_storage(comp.sparse_storage),
-        "warnings": [str(w) for w in comp.warnings or []],
+        "warnings": [str(w) for w in [*(comp.warnings or []), *((quantized or {}).get("warnings") or [])]],
         "ratios": ratios,
+        "target": target_block(comp.target, ratios, sides[CANDIDATE]["latency_ms"]["p50"]),
+        "latency_model": latency_model_block(
+            comp.target,
+            sides[CANDIDATE]["latency_ms"]["p50"],
+            ((latency.runners or {}).get(CANDIDATE) or {}).get("intra_op_threads"),
+        ),
         "weights_warning": comp.weights_warning,
         "agreement": comp.agreement,
         "accuracy": _accuracy(comp.accuracy),
+        "quantized": quantized,
         "env": latency.env if latency.env is not None else {},
         "artifacts": artifacts,
+        "runners": {k: {"placement": v["placement"]} for k, v in (latency.runners or {}).items() if v.get("placement")},
+        "jetson": latency.extra.get("jetson"),
+        "engines": engine_records(rd.path),
     }
+    if report["accuracy"] is not None:
+        report["accuracy"]["quantized"] = quantized_accuracy(rd) if quantized else None
     atomic_write_json(rd.report_json, report)
     atomic_write_text(rd.report_md, report_markdown(report, has_plot=rd.latency_png.is_file()))
     return report
@@ -371,7 +410,8 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
     for q in ("p50", "p90", "p99"):
         dq, cq = d["latency_ms"][q], c["latency_ms"][q]
         lines.append(f"| {q} ms | {dq:.3f} | {cq:.3f} | {_x(_ratio(dq, cq))} |")
-    lines.append("")
+    quantized_rows, quantized_lines = quantized_markdown(report)
+    lines += [*quantized_rows, ""]
     ci = r.get("speedup_ci95")
     ci_text = f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else ""
     eff = r.get("efficiency")
@@ -394,6 +434,9 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
     agreement = report.get("agreement")
     if isinstance(agreement, Mapping) and agreement:
         lines.append("- Agreement (dense vs compressed): " + ", ".join(f"{k} {_g(v)}" for k, v in agreement.items()))
+    lines += target_markdown(report)
+    lines += quantized_lines
+    lines += profile_lines(report)
     acc = report.get("accuracy")
     if isinstance(acc, Mapping) and acc:
         lines += ["", f"Accuracy on {acc.get('data')} (test images: {acc.get('n')}, 95% Wilson interval):", ""]
@@ -409,6 +452,7 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
                 + " |"
             )
     lines.append("")
+    lines += latency_gpu_lines(report)
     if has_plot:
         lines += [f"![latency]({LATENCY_PNG})", ""]
     lines += ["## Environment", ""]

@@ -36,6 +36,7 @@ from compress.cli.run import accuracy_line, load, prepare_data, run, train_meta
 from compress.methods.base import nonneg_int, positive_int
 from lowrank_deploy.cli import ArgumentParser
 from lowrank_deploy.errors import UserInputError
+from lowrank_deploy.integrity import run_lock
 
 __all__ = ["PROG", "build_parser", "main"]
 
@@ -224,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         return _train(args)
     if args.command == "finetune":
-        return _finetune(args)
+        with run_lock(args.run_dir):
+            return _finetune(args)
     if args.command == "eval":
         return _eval(args)
     if args.command == "plan":
@@ -244,5 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "apply":
         if not Path(args.plan).is_file():
             raise UserInputError(f"plan {args.plan!r} does not exist; write one with `{PROG} plan`")
-        return run(args, plan_path=args.plan)
-    return run(args)
+        with run_lock(args.run_dir, create=True):
+            return run(args, plan_path=args.plan)
+    with run_lock(args.run_dir, create=True):
+        return run(args)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lowrank_deploy.checks import check_finite_module, check_memory
 from lowrank_deploy.errors import UserInputError
 
 __all__ = ["load", "prepare_data", "run", "train_meta"]
@@ -55,8 +56,19 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, float, Any]:
         loaded = load_model(
             args.model, args.weights, num_classes=args.num_classes, input_size=args.input_size, seed=args.seed
         )
+    check_finite_module(loaded.model, f"{loaded.name} ({loaded.weights})")
+    check_memory((max(8, args.batch), *loaded.input_shape), f"the input of {loaded.name}")  # before allocating
     gen = torch.Generator().manual_seed(args.seed)
     example = torch.randn(1, *loaded.input_shape, generator=gen)
+    try:  # a model that cannot run is the user's model's fault: say so in one line
+        with torch.no_grad():
+            loaded.model(example)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserInputError(
+            f"the forward pass of {loaded.name} fails on a {list(example.shape)} input ({type(exc).__name__}: "
+            f"{first}); fix the model or pass another --input-size"
+        ) from None
     return loaded, example, time.perf_counter() - t0, dataset
 
 

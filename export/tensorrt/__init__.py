@@ -9,7 +9,10 @@ works where TensorRT is absent. The pipeline, one module per step (see ``docs/de
   :func:`engine_from_onnx`;
 * :mod:`~export.tensorrt.calibration` — INT8 calibrators (TensorRT 10 only);
 * :mod:`~export.tensorrt.engine_io` — :func:`save_engine` / :func:`load_engine` with the
-  ``model.plan.json`` sidecar checked against the running TensorRT and GPU.
+  ``model.plan.json`` sidecar checked against the running TensorRT and GPU;
+* :mod:`~export.tensorrt.sparsity` — 2:4 weights → ``SPARSE_WEIGHTS``, and which layers ran sparse;
+* :mod:`~export.tensorrt.parity` — engine vs ONNX Runtime on seeded inputs, into the sidecar;
+* :mod:`~export.tensorrt.surface` — the 11.x path's API names checked against a TensorRT 11 bindings wheel.
 
 After a build the requested precision is checked on the engine's layer information (rf-detr#1453:
 TensorRT 11 silently built FP32 when asked for FP16).
@@ -34,6 +37,7 @@ from export.tensorrt.engine_io import (
     save_engine,
     sidecar_path,
 )
+from export.tensorrt.parity import ENGINE_TOLERANCES, engine_parity, record_parity
 from export.tensorrt.precision import (
     MODELOPT_HINT,
     PRECISIONS,
@@ -46,9 +50,11 @@ from export.tensorrt.precision import (
     plan_precision,
     require_tensorrt,
 )
+from export.tensorrt.sparsity import is_2to4, parse_sparsity_log, sparse_tactic_layers, sparse_weight_tensors
 
 __all__ = [
     "CALIBRATION_ALGORITHMS",
+    "ENGINE_TOLERANCES",
     "MODELOPT_HINT",
     "PRECISIONS",
     "SIDECAR_SUFFIX",
@@ -66,12 +72,18 @@ __all__ = [
     "check_sidecar",
     "convert_onnx_to_fp16",
     "engine_from_onnx",
+    "engine_parity",
     "has_qdq",
+    "is_2to4",
     "layer_precisions",
     "load_engine",
     "make_calibrator",
+    "parse_sparsity_log",
     "plan_precision",
+    "record_parity",
     "require_tensorrt",
     "save_engine",
     "sidecar_path",
+    "sparse_tactic_layers",
+    "sparse_weight_tensors",
 ]

@@ -26,6 +26,7 @@ from export.tensorrt.precision import (
     plan_precision,
     require_tensorrt,
 )
+from export.tensorrt.sparsity import capturing_logger, sparse_weight_tensors, sparsity_record
 from lowrank_deploy.errors import ExportError, UserInputError
 from lowrank_deploy.io import atomic_write_bytes
 
@@ -81,6 +82,10 @@ class EngineFromOnnx:
         timing_cache: file to load the timing cache from (when it exists) and save it to after the build.
         calibrator: an INT8 calibrator from :func:`make_calibrator` (TensorRT 10 only).
         verify_precision: check the built engine's layer precisions against ``precision``.
+        sparse_weights: set ``BuilderFlag.SPARSE_WEIGHTS`` (2:4 sparse tensor cores); ``None`` sets it when
+            some Conv/Gemm weight of the ONNX follows the 2:4 pattern (LRSD ``--structured 2:4``). The
+            sidecar's ``sparsity`` records the 2:4 tensors and which layers TensorRT ran sparse
+            (:mod:`export.tensorrt.sparsity`).
 
     Raises:
         UserInputError: for an unknown precision or an out-of-range option.
@@ -97,6 +102,7 @@ class EngineFromOnnx:
         timing_cache: str | os.PathLike[str] | None = None,
         calibrator: object | None = None,
         verify_precision: bool = True,
+        sparse_weights: bool | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise UserInputError(f"unknown precision {precision!r}; use one of: {', '.join(PRECISIONS)}")
@@ -112,6 +118,7 @@ class EngineFromOnnx:
         self.timing_cache = Path(timing_cache) if timing_cache is not None else None
         self.calibrator = calibrator
         self.verify_precision = verify_precision
+        self.sparse_weights = sparse_weights
 
     def __call__(self) -> BuiltEngine:
         """Build the engine.
@@ -132,8 +139,13 @@ class EngineFromOnnx:
             raise UserInputError(f"ONNX file {str(path)!r} does not exist; run `python -m export onnx` first")
         model = onnx.load(str(path), load_external_data=False)
         build = plan_precision(generation, model, self.precision, self.calibrator)
+        sparse_tensors = sparse_weight_tensors(model)
+        sparse = bool(sparse_tensors) if self.sparse_weights is None else self.sparse_weights
+        if sparse:
+            build.flags.append("SPARSE_WEIGHTS")
+            build.notes.append(f"SPARSE_WEIGHTS: {len(sparse_tensors)} weight tensor(s) follow the 2:4 pattern")
 
-        logger = trt.Logger(trt.Logger.WARNING)
+        logger = capturing_logger(trt) if sparse else trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         network = builder.create_network(0)  # explicit batch is implicit since 10.0; 11 is strongly typed
         parser = trt.OnnxParser(network, logger)
@@ -218,6 +230,7 @@ class EngineFromOnnx:
             "engine_sha256": hashlib.sha256(plan).hexdigest(),
             "timing_cache": str(self.timing_cache) if self.timing_cache is not None else None,
             "precision_check": check,
+            "sparsity": sparsity_record(sparse_tensors, sparse, getattr(logger, "sparsity_lines", []), layer_info),
             "built_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         return BuiltEngine(plan=plan, metadata=metadata, layer_info=layer_info)
@@ -233,6 +246,7 @@ def engine_from_onnx(
     timing_cache: str | os.PathLike[str] | None = None,
     calibrator: object | None = None,
     verify_precision: bool = True,
+    sparse_weights: bool | None = None,
 ) -> BuiltEngine:
     """Build a TensorRT engine from an ONNX file now; see :class:`EngineFromOnnx` for the arguments."""
     return EngineFromOnnx(
@@ -244,6 +258,7 @@ def engine_from_onnx(
         timing_cache=timing_cache,
         calibrator=calibrator,
         verify_precision=verify_precision,
+        sparse_weights=sparse_weights,
     )()
 
 

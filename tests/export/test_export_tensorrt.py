@@ -546,3 +546,236 @@ def test_real_fp16_engine_build_and_sidecar(tmp_path):
     plan = ettrt.save_engine(built, tmp_path / "model.plan")
     assert built.metadata["precision_check"]["ok"] is True
     assert ettrt.load_engine(plan) == built.plan
+
+
+# 2:4 sparsity: SPARSE_WEIGHTS and what TensorRT picked ------------------------------------------------------
+
+
+def _sparse_onnx(path: Path) -> Path:
+    """The tiny net with its conv weight pruned to 2:4 along the input channels (8 → groups of 4)."""
+    model = onnx.load(str(_tiny_onnx(path.with_name("dense_" + path.name))))
+    w = np.random.default_rng(3).standard_normal((8, 8, 3, 3)).astype(np.float32)
+    w[:, [1, 3, 4, 6]] = 0  # two zeros in each group of four input channels
+    conv = model.graph.node[0]
+    inits = [i for i in model.graph.initializer if i.name != "w"] + [numpy_helper.from_array(w, "w")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    first = helper.make_node("Conv", ["input", "w0"], ["pre"], pads=[1, 1, 1, 1])
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((8, 3, 1, 1), np.float32), "w0"))
+    conv.input[0] = "pre"
+    nodes = [first, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _with_sparse_surface(trt, *, log_lines=(), tactics=None):
+    """Give the fake SPARSE_WEIGHTS, an ILogger the builder logs to, and tactic names in the inspector."""
+    trt.BuilderFlag.SPARSE_WEIGHTS = "SPARSE_WEIGHTS"
+
+    class ILogger:
+        Severity = types.SimpleNamespace(ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
+
+        def __init__(self):
+            trt.calls.append(("ILogger",))
+
+    trt.ILogger = ILogger
+    builder_cls = trt.Builder
+
+    class Builder(builder_cls):
+        def __init__(self, logger):
+            super().__init__(logger)
+            self.logger = logger
+
+        def build_serialized_network(self, network, config):
+            for line in log_lines:
+                self.logger.log(ILogger.Severity.INFO, line)
+            return super().build_serialized_network(network, config)
+
+    trt.Builder = Builder
+    if tactics is not None:
+        info = json.dumps({"Layers": [{"Name": n, "TacticName": t, "Outputs": []} for n, t in tactics.items()]})
+        inspector = trt.Runtime(None).deserialize_cuda_engine(b"").create_engine_inspector()
+        type(inspector).get_engine_information = lambda self, fmt: info
+    return trt
+
+
+def test_2to4_detection():
+    w = np.ones((4, 8, 3, 3), np.float32)
+    assert not ettrt.is_2to4(w, 1)  # dense
+    w[:, [0, 1, 4, 5]] = 0
+    assert ettrt.is_2to4(w, 1)
+    assert not ettrt.is_2to4(w, 0)  # along output channels it is dense
+    assert not ettrt.is_2to4(np.zeros((4, 8)), 1)  # all zero: nothing to run sparse
+    assert not ettrt.is_2to4(np.ones((4, 6)), 1)  # length not a multiple of 4
+
+
+def test_sparse_weights_flag_set_for_2to4_weights(tmp_path, use_trt):
+    log = [
+        "[TRT] (Sparsity) Layers eligible for sparse math: /conv1/Conv, /conv2/Conv",
+        "[TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: /conv2/Conv",
+        "[TRT] some other info line",
+    ]
+    trt = _with_sparse_surface(
+        use_trt("10.3.0"), log_lines=log, tactics={"/conv1/Conv": "sm80_xmma_fprop_implicit_gemm", "/conv2/Conv": "sm80_xmma_fprop_sparse_conv_f32"}
+    )  # fmt: skip
+    path = _sparse_onnx(tmp_path / "s.onnx")
+    assert ettrt.sparse_weight_tensors(onnx.load(str(path))) == ["w"]
+    built = ettrt.engine_from_onnx(path)
+    assert ("set_flag", "SPARSE_WEIGHTS") in trt.calls
+    assert ("ILogger",) in trt.calls  # the capturing logger replaced trt.Logger(WARNING)
+    sparsity = built.metadata["sparsity"]
+    assert sparsity["tensors_2to4"] == ["w"]
+    assert sparsity["sparse_weights_flag"] is True
+    assert sparsity["eligible_layers"] == ["/conv1/Conv", "/conv2/Conv"]
+    assert sparsity["picked_layers"] == ["/conv2/Conv"]
+    assert sparsity["sparse_tactic_layers"] == ["/conv2/Conv"]
+    assert "SPARSE_WEIGHTS" in built.metadata["build_flags"]
+
+
+def test_dense_weights_leave_the_flag_off_unless_forced(tmp_path, use_trt):
+    trt = _with_sparse_surface(use_trt("11.1.0"))
+    built = ettrt.engine_from_onnx(_tiny_onnx(tmp_path / "m.onnx"))
+    assert not _names(trt.calls, "set_flag")
+    assert built.metadata["sparsity"]["sparse_weights_flag"] is False
+    assert built.metadata["sparsity"]["sparse_tactic_layers"] is None
+    trt = _with_sparse_surface(use_trt("11.1.0"))
+    built = ettrt.engine_from_onnx(_tiny_onnx(tmp_path / "m.onnx"), sparse_weights=True)
+    assert _names(trt.calls, "set_flag") == [("set_flag", "SPARSE_WEIGHTS")]  # SPARSE_WEIGHTS exists in 11.x too
+    assert built.metadata["sparsity"]["picked_layers"] is None  # no (Sparsity) lines: unknown, not "none"
+
+
+def test_parse_sparsity_log_without_lines():
+    assert ettrt.parse_sparsity_log([]) == {"eligible_layers": None, "picked_layers": None}
+    assert ettrt.sparse_tactic_layers(_layer_info("Half")) is None  # no TacticName: unknown
+
+
+# Engine vs ONNX Runtime parity --------------------------------------------------------------------------------
+
+
+class _EngineLike:
+    """A runner standing in for TrtRunner: the ONNX run in ONNX Runtime, plus an error of given size."""
+
+    def __init__(self, path, error):
+        from runtime.ort_runner import OrtRunner
+
+        self.inner, self.error, self.feeds = OrtRunner(path, providers=("cpu",)), error, []
+
+    def __enter__(self):
+        self.inner.activate()
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.deactivate()
+
+    def get_input_metadata(self):
+        return self.inner.get_input_metadata()
+
+    def infer(self, feed):
+        self.feeds.append(feed)
+        out = self.inner.infer(feed)
+        return {k: (v + self.error).astype(np.float16) for k, v in out.items()}
+
+
+@pytest.mark.parametrize(("error", "passed"), [(2e-3, True), (5e-2, False)])
+def test_engine_parity_fp16_tolerances(tmp_path, error, passed):
+    path = _tiny_onnx(tmp_path / "m.onnx")
+    engine = _EngineLike(path, error)
+    parity = ettrt.engine_parity(tmp_path / "model.plan", path, precision="fp16", batch=4, seed=7, engine_runner=engine)
+    assert (parity["atol"], parity["rtol"]) == ettrt.ENGINE_TOLERANCES["fp16"] == (1e-2, 1e-2)
+    assert parity["passed"] is passed
+    assert parity["batch"] == 4
+    assert parity["seed"] == 7
+    assert engine.feeds[0]["input"].shape == (4, 3, 8, 8)
+    assert parity["max_abs"] == pytest.approx(error, abs=1e-3)  # float16 rounding of the outputs on top
+    assert parity["outputs"]["output"]["shape"] == [4, 4]
+    assert parity["reference"].startswith("onnxruntime CPUExecutionProvider")
+
+
+def test_engine_parity_recorded_in_sidecar(tmp_path, use_trt):
+    use_trt("10.3.0", layer_dtype="Half")
+    path = _tiny_onnx(tmp_path / "m.onnx")
+    plan = ettrt.save_engine(ettrt.engine_from_onnx(path, precision="fp16"), tmp_path / "model.plan")
+    parity = ettrt.engine_parity(plan, path, precision="fp16", engine_runner=_EngineLike(path, 0.0))
+    assert parity["passed"] is True
+    assert parity["max_abs"] < 1e-2
+    ettrt.record_parity(plan, parity)
+    side = json.loads((tmp_path / "model.plan.json").read_text())
+    assert side["parity"]["passed"] is True
+    assert side["parity"]["precision"] == "fp16"
+    assert ettrt.load_engine(plan) == plan.read_bytes()  # the sidecar still matches the plan
+    from runtime.gpu import engine_markdown, engine_records
+
+    records = engine_records(tmp_path)
+    assert list(records) == ["compressed"]
+    assert records["compressed"]["parity"]["passed"] is True
+    (line,) = engine_markdown(records)
+    assert "parity vs ONNX Runtime PASS" in line
+    assert "fp16, TensorRT 10.3.0 on NVIDIA Fake GPU" in line
+
+
+def test_engine_parity_rejects_unknown_precision(tmp_path):
+    with pytest.raises(UserInputError, match="unknown precision"):
+        ettrt.engine_parity(tmp_path / "m.plan", tmp_path / "m.onnx", precision="fp8")
+
+
+# TensorRT 11 API surface (names of the 11.x path against a bindings wheel) -----------------------------------
+
+
+def test_surface_check_on_a_synthetic_wheel(tmp_path, capsys):
+    import zipfile
+
+    from export.tensorrt import surface
+
+    names = [n for n in surface.TRT11_NAMES if n != "INPUT"] + ["CONDITIONAL_INPUT"]  # "INPUT": a merged tail
+    blob = b"\x00".join(n.encode() for n in names) + b"\x00Tensor is input.\x00"
+    wheel = tmp_path / "tensorrt_cu12_bindings-11.9.0-cp311-none-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("tensorrt_bindings/tensorrt.so", blob)
+        archive.writestr("tensorrt_bindings/__init__.py", "def nptype(trt_type):\n    pass\n")
+    ids = surface.wheel_identifiers(wheel)
+    assert surface.missing_names(ids) == []
+    assert surface.missing_names(ids, surface.TRT10_ONLY) == list(surface.TRT10_ONLY)
+    assert surface.main([str(wheel)]) == 0
+    assert "51 names of the 11.x path: ok" in capsys.readouterr().out.replace(str(len(surface.TRT11_NAMES)), "51")
+    broken = tmp_path / "tensorrt_cu12_bindings-12.0.0-cp311-none-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(broken, "w") as archive:
+        archive.writestr("tensorrt_bindings/tensorrt.so", blob.replace(b"execute_async_v3", b"execute_async_v4"))
+    assert surface.main([str(broken)]) == 1
+    assert "MISSING execute_async_v3" in capsys.readouterr().out
+
+
+def test_engine_cli_records_parity_and_fails_on_mismatch(tmp_path, use_trt, monkeypatch):
+    import export.tensorrt
+    from export.__main__ import main
+    from lowrank_deploy.errors import ParityError
+
+    use_trt("10.3.0", layer_dtype="Half")
+    run = tmp_path / "run"
+    run.mkdir()
+    _tiny_onnx(run / "model.onnx")
+    seen = []
+    real_parity = ettrt.engine_parity
+
+    def fake_parity(path, onnx_path, *, precision, batch, seed, atol, rtol, error=0.0):
+        seen.append((Path(path).name, Path(onnx_path).name, precision, batch, seed))
+        engine = _EngineLike(onnx_path, error)  # the engine's role, played by ONNX Runtime plus an error
+        return real_parity(path, onnx_path, precision=precision, batch=batch, seed=seed, engine_runner=engine)
+
+    monkeypatch.setattr(export.tensorrt, "engine_parity", fake_parity)
+    assert main(["engine", "--run-dir", str(run), "--precision", "fp16", "--opt-batch", "2", "--parity-seed", "5"]) == 0
+    assert seen == [("model.plan", "model.onnx", "fp16", 2, 5)]
+    side = json.loads((run / "model.plan.json").read_text())
+    assert side["parity"]["passed"] is True
+    assert side["parity"]["batch"] == 2
+    assert side["sparsity"]["sparse_weights_flag"] is False
+
+    monkeypatch.setattr(
+        export.tensorrt, "engine_parity", lambda *a, **k: fake_parity(*a, **{**k, "error": 0.5})
+    )  # fmt: skip
+    use_trt("10.3.0", layer_dtype="Half")
+    with pytest.raises(ParityError, match=r"TensorRT vs ONNX Runtime parity failed for model\.plan"):
+        main(["engine", "--run-dir", str(run), "--precision", "fp16"])
+    assert json.loads((run / "model.plan.json").read_text())["parity"]["passed"] is False

@@ -187,3 +187,73 @@ def test_real_tegrastats_sampler():
     assert summary is not None
     assert summary["samples"] >= 1
     assert summary["ram_total_mb"] > 0
+
+
+# Wiring into `python -m runtime bench` ---------------------------------------------------------------------
+
+
+def test_bench_sampler_modes(tmp_path):
+    assert jetson.bench_sampler(False) is None
+    assert jetson.bench_sampler(None, root=tmp_path) is None  # not a Jetson: automatic means off
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nv_tegra_release").write_text("# R36 (release), REVISION: 4.0\n")
+    auto = jetson.bench_sampler(None, interval_ms=50, root=tmp_path)
+    assert auto is not None
+    assert (auto.interval_ms, auto.required) == (50, False)
+    assert jetson.bench_sampler(True).required is True
+
+
+def test_jetson_record_and_markdown():
+    sampler = jetson.TegrastatsSampler(interval_ms=100)
+    sampler.samples.extend(jetson.parse_tegrastats_line(line) for line in (ORIN_AGX, ORIN_AGX.replace("61%@", "21%@")))
+    state = {"nvpmodel": {"name": "MAXN", "id": 0}, "clocks_maxed": True, "gpu_clocks": {}, "clocks_reason": None}
+    record = jetson.jetson_record(sampler, state)
+    assert record["tegrastats"]["gpu_load_mean_pct"] == 41.0
+    assert record["tegrastats"]["emc_freq_max_mhz"] == 2133
+    assert record["tegrastats"]["cpu_freq_max_mhz"] == 1190
+    assert record["state"] == state
+    lines = jetson.jetson_markdown(record)
+    assert lines[0].startswith("Power (mean over 2 tegrastats samples, 100 ms): VDD_GPU_SOC 2.39 W, VDD_CPU_CV 0.80 W")
+    assert lines[1] == "RAM peak 2448 / 62804 MB; GPU load mean 41.0 %, max 61 %"
+    assert lines[2] == "Clocks: GPU 1300–1300 MHz, EMC max 2133 MHz, CPU max 1190 MHz"
+    assert lines[3] == "Power mode: MAXN (id 0); GPU clocks pinned at max (jetson_clocks)"
+    assert jetson.jetson_record(None) is None
+    assert jetson.jetson_markdown(None) == []
+
+
+def test_bench_cli_samples_fake_tegrastats_into_latency_and_report(tmp_path, run_dir, run_cli, monkeypatch):
+    import json
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "tegrastats"
+    script.write_text(
+        f"#!/bin/sh\n[ \"$1\" = \"--interval\" ] || exit 3\nwhile true; do echo '{XAVIER}'; echo '{ORIN_AGX}'; "
+        "sleep 0.02; done\n"
+    )
+    script.chmod(0o755)
+    (bin_dir / "nvpmodel").write_text("#!/bin/sh\necho 'NV Power Mode: 15W'\necho 2\n")
+    (bin_dir / "nvpmodel").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = run_cli(
+        "bench", "--run-dir", str(run_dir), "--tegrastats", "--tegrastats-interval", "20",
+        "--iters", "20", "--warmup", "0", "--warmup-iters", "2", "--threads", "1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = run_cli("report", "--run-dir", str(run_dir))
+    assert report.returncode == 0, report.stderr
+    latency = json.loads((run_dir / "latency.json").read_text())
+    record = latency["jetson"]
+    assert record["tegrastats"]["samples"] >= 1
+    assert record["tegrastats"]["interval_ms"] == 20
+    assert record["tegrastats"]["ram_total_mb"] in (15827, 62804)
+    assert record["state"]["nvpmodel"] == {"name": "15W", "id": 2}
+    assert "Jetson: Power mode: 15W (id 2)" in (run_dir / "latency.md").read_text()
+    assert "- Jetson: RAM peak" in report.stdout
+    assert json.loads((run_dir / "report.json").read_text())["jetson"] == record
+
+
+def test_bench_cli_requires_tegrastats_when_asked(run_dir, run_cli, tmp_path):
+    proc = run_cli("bench", "--run-dir", str(run_dir), "--tegrastats", "--iters", "1", "--warmup", "0")
+    assert proc.returncode != 0
+    assert "tegrastats not found on PATH" in proc.stderr

@@ -125,7 +125,14 @@ def test_report_schema_and_ratios(run_dir, fake_result):
         "env",
     }
     extras = {"ratios", "weights_warning", "agreement", "accuracy", "parity_dense", "artifacts", "batch"}
-    assert set(on_disk) == contract | extras | {"sparse_onnx", "sparse_storage", "warnings"}
+    gpu_sections = {"runners", "jetson", "engines"}  # {} / null / null on a CPU run without engines
+    targets = {"target", "latency_model"}  # runtime.report_target
+    assert (
+        set(on_disk)
+        == contract | extras | {"sparse_onnx", "sparse_storage", "warnings", "quantized"} | gpu_sections | targets
+    )
+    assert on_disk["quantized"] is None  # not quantized (python -m export quantize not run)
+    assert (on_disk["runners"], on_disk["jetson"], on_disk["engines"]) == ({}, None, None)
     assert on_disk["accuracy"] is None  # no DATA given
     assert on_disk["sparse_onnx"] is None  # no mostly-zero weights, no sparse copy
     assert on_disk["sparse_storage"] is None  # not a low-rank + sparse run
@@ -144,7 +151,16 @@ def test_report_schema_and_ratios(run_dir, fake_result):
     assert on_disk["dense"]["latency_ms"]["p50"] == pytest.approx(4.0)
     assert on_disk["compressed"]["latency_ms"]["p99"] == pytest.approx(2.0)
     ratios = on_disk["ratios"]
-    assert set(ratios) == {"params", "macs", "speedup_p50", "speedup_ci95", "efficiency", "flops_reduction"}
+    assert set(ratios) == {
+        "params",
+        "macs",
+        "speedup_p50",
+        "speedup_ci95",
+        "efficiency",
+        "flops_reduction",
+        "speedup_quantized_p50",
+    }
+    assert ratios["speedup_quantized_p50"] is None
     assert ratios["flops_reduction"] == pytest.approx(1 - comp["compressed"]["macs"] / comp["dense"]["macs"])
     assert ratios["params"] == pytest.approx(comp["dense"]["params"] / comp["compressed"]["params"])
     assert ratios["macs"] == pytest.approx(comp["dense"]["macs"] / comp["compressed"]["macs"])
@@ -294,3 +310,73 @@ def test_report_carries_dense_raw_finetuned_accuracy(run_dir, fake_result):
     report = write_report(run_dir)
     assert report["accuracy"]["finetuned"] is None
     assert "| top-1 | 91.20% (90.6–91.8) | 50.00% (49.4–50.6) | – |" in (run_dir / "report.md").read_text()
+
+
+# target and latency model (runtime.report_target) -----------------------------------------------------
+
+
+def _set_target(run_dir, target):
+    comp = json.loads((run_dir / "compress.json").read_text())
+    comp["target"] = target
+    (run_dir / "compress.json").write_text(json.dumps(comp))
+
+
+def test_report_target_ratio_without_latency_model(run_dir, fake_result):
+    _set_target(run_dir, {"ratio": 2.0, "flops": None, "achieved_ratio": 1.96, "achieved_flops_reduction": 0.49})
+    _with_latency(run_dir, fake_result)
+    report = write_report(run_dir)
+    assert report["target"] == {"kind": "ratio", "value": 2.0, "achieved": pytest.approx(1.96), "met": None}
+    model = report["latency_model"]
+    assert set(model) >= {"backend", "predicted_ms", "measured_ms", "relative_error", "table"}
+    assert (model["backend"], model["predicted_ms"], model["relative_error"], model["table"]) == (None,) * 4
+    assert model["measured_ms"] == pytest.approx(report["compressed"]["latency_ms"]["p50"])
+    md = (run_dir / "report.md").read_text()
+    assert "- Target RATIO=2: achieved params ×1.96" in md
+    assert "Latency model" not in md
+
+
+def test_report_target_flops_and_no_target(run_dir, fake_result):
+    _set_target(run_dir, {"ratio": None, "flops": 0.5, "achieved_flops_reduction": 0.52})
+    _with_latency(run_dir, fake_result)
+    assert write_report(run_dir)["target"] == {"kind": "flops", "value": 0.5, "achieved": 0.52, "met": None}
+    _set_target(run_dir, {"ratio": None, "flops": None})  # --no-ratio: the method's own knob
+    assert write_report(run_dir)["target"] == {"kind": None, "value": None, "achieved": None, "met": None}
+
+
+@pytest.mark.parametrize(("kind", "value", "met"), [("speedup", 1.5, True), ("speedup", 3.0, False), ("latency_ms", 1.0, False)])
+def test_report_latency_target_measured_and_predicted(run_dir, fake_result, kind, value, met):
+    table = {"path": "/tmp/latency-ort-cpu-x.json", "entries": 42}
+    _set_target(
+        run_dir,
+        {
+            "ratio": 3.1,
+            "flops": None,
+            "achieved_ratio": 3.1,
+            "latency_target": {"kind": kind, "value": value, "predicted_ms": 2.2, "measured_ms": 2.1},
+            "latency_model": {"backend": "ort-cpu", "threads": 1, "table": table},
+        },
+    )
+    _with_latency(run_dir, fake_result)  # dense p50 4 ms, compressed p50 2 ms
+    report = write_report(run_dir)
+    achieved = 2.0  # the measured speedup, or the measured compressed p50 in ms: both 2 here
+    assert report["target"] == {"kind": kind, "value": value, "achieved": pytest.approx(achieved), "met": met}
+    model = report["latency_model"]
+    assert model["backend"] == "ort-cpu"
+    assert model["table"] == table
+    assert model["predicted_ms"] == pytest.approx(2.2)
+    assert model["measured_ms"] == pytest.approx(2.0)
+    assert model["relative_error"] == pytest.approx(0.1)  # (predicted - measured) / measured
+    assert model["planning_measured_ms"] == pytest.approx(2.1)
+    md = (run_dir / "report.md").read_text()
+    assert "- Latency model (ort-cpu, 1 thread(s), lookup table /tmp/latency-ort-cpu-x.json (42 entries)): " in md
+    assert "predicted 2.200 ms, measured p50 2.000 ms (+10.0%)" in md
+    assert ("**missed**" in md) is not met
+
+
+def test_report_links_profile_when_present(run_dir, fake_result):
+    _with_latency(run_dir, fake_result)
+    assert "profile.md" not in (write_report(run_dir) and (run_dir / "report.md").read_text())
+    (run_dir / "profile.md").write_text("# profile\n")
+    report = write_report(run_dir)
+    assert "profile.md" in report["artifacts"]
+    assert "[profile.md](profile.md)" in (run_dir / "report.md").read_text()

@@ -20,7 +20,15 @@ from compress.methods.cc.scores import gradient_statistics, one_thread
 from compress.methods.cc.sensitivity import fit_exponential, sensitivity_curve
 from compress.metrics import count_params, trace_geometry
 from compress.plan import KEEP, LayerPlan, Plan
-from compress.planning import FilterFn, common_skip_reason, find_stem, hw_list, keep_entry, layer_params
+from compress.planning import (
+    FilterFn,
+    common_skip_reason,
+    find_stem,
+    hw_list,
+    keep_entry,
+    layer_params,
+    layer_progress,
+)
 from lowrank_deploy.errors import CompressionError
 
 __all__ = ["plan_cc"]
@@ -98,6 +106,7 @@ def plan_cc(
     *,
     model_name: str = "model",
     filter_fn: FilterFn | None = None,
+    progress: bool | None = None,
 ) -> Plan:
     """Plan collaborative compression of ``model`` (not modified).
 
@@ -109,6 +118,8 @@ def plan_cc(
             or ``None`` for the weight-only fallback (``G ≡ 1``; the plan warns).
         model_name: Recorded in the plan.
         filter_fn: ``filter_fn(module, path) -> bool``; False leaves the layer untouched.
+        progress: Per-layer progress bar with ETA on stderr over the sensitivity curves (``None``: only when
+            stderr is a terminal).
 
     Raises:
         CompressionError: nothing to compress, or the target is unreachable (the message gives the maximum).
@@ -160,6 +171,7 @@ def plan_cc(
         layers[path].norm_params = sum(2 for n in route.norms if model.get_submodule(n).affine)
 
     # sensitivity curves and fits (§4)
+    bar = layer_progress(len(layers), "cc sensitivity", enabled=progress)
     for layer in layers.values():
         with one_thread():
             c, loss = sensitivity_curve(
@@ -177,6 +189,8 @@ def plan_cc(
                 f"sensitivity fit gave b = {layer.b:.3g} (needs b > 0; {layer.points} curve points): the loss does "
                 "not grow with the compression rate, so the layer is left out of the rate optimisation (f_l = 0)"
             )
+        bar.update(1)
+    bar.close()
     fitted = [layer for layer in layers.values() if layer.fallback is None]
     for layer in layers.values():
         if layer.fallback is not None:

@@ -30,7 +30,7 @@ from compress.methods.lrsd.planner import (
 from compress.methods.lrsd.solver import solve_lrsd
 from compress.methods.lrsd.statistics import LayerStats, collect_stats, data_problem, response_error, weight_matrix
 from compress.metrics import count_macs, count_params, trace_geometry
-from compress.planning import planned_module, relative_error, set_submodule
+from compress.planning import layer_progress, planned_module, relative_error, set_submodule
 from lowrank_deploy.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -165,6 +165,7 @@ def lrsd_compress_(
     model_name: str = "model",
     filter_fn: FilterFn | None = None,
     plan: Plan | None = None,
+    progress: bool | None = None,
 ) -> Plan:
     """Plan, calibrate, solve and apply LRSD in place; return the plan with per-layer facts.
 
@@ -185,6 +186,7 @@ def lrsd_compress_(
         plan: Re-solve this (saved) plan's layers instead of planning anew: its ranks and cardinalities
             are kept unless ``config.split == "search"``. ``config`` must be the plan's config
             (``LowRankSparseConfig.from_dict(plan.config)``).
+        progress: Per-layer progress bar with ETA on stderr (``None``: only when stderr is a terminal).
 
     Raises:
         UserInputError: empty ``calibration_batches``.
@@ -201,12 +203,15 @@ def lrsd_compress_(
     search = config.searches
     if batches is None:
         plan.warnings.append(WEIGHT_ONLY_WARNING)
-        for entry in plan.factorized_layers:
-            module = planned_module(model, entry, plan)
-            set_submodule(model, entry.path, _solve_layer(module, entry, None, config, search=search))
+        with layer_progress(len(plan.factorized_layers), "lrsd solve", enabled=progress) as bar:
+            for entry in plan.factorized_layers:
+                module = planned_module(model, entry, plan)
+                set_submodule(model, entry.path, _solve_layer(module, entry, None, config, search=search))
+                bar.update(1)
     else:
         _, order, _ = trace_geometry(model, example_input)
         todo = [p for p in order if p in {e.path for e in plan.factorized_layers}]
+        bar = layer_progress(len(todo), f"lrsd solve ({config.mode})", enabled=progress)
         if config.mode == "asymmetric":
             reference = copy.deepcopy(model)
             for path in todo:
@@ -220,6 +225,7 @@ def lrsd_compress_(
                 )[path]
                 module = planned_module(model, plan.layer(path), plan)
                 set_submodule(model, path, _solve_layer(module, plan.layer(path), stats, config, search=search))
+                bar.update(1)
         else:
             # symmetric: every layer sees dense inputs, so replacements are installed only at the end;
             # statistics are collected in groups whose float64 Grams fit in MAX_STATS_BYTES
@@ -231,8 +237,10 @@ def lrsd_compress_(
                 for path in group:
                     module = planned_module(model, plan.layer(path), plan)
                     pending[path] = _solve_layer(module, plan.layer(path), group_stats.pop(path), config, search=search)
+                    bar.update(1)
             for path, new in pending.items():
                 set_submodule(model, path, new)
+        bar.close()
         plan.target["calibration"] = {
             "images": sum(int(b.shape[0]) for b in batches),
             "mode": config.mode,

@@ -1,0 +1,181 @@
+"""Static INT8 quantization of one ONNX file with ONNX Runtime, and the ONNX Runtime helpers around it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.quantize.rules import (
+    CALIBRATION_METHODS,
+    FORMATS,
+    MIN_FLOAT_RANK,
+    RULES,
+    FloatLayer,
+    QuantizationError,
+    float_layers,
+)
+from lowrank_deploy.errors import UserInputError
+
+# Quantizing one file ------------------------------------------------------------------------------------
+
+
+def _reader(feeds: Sequence[Mapping[str, np.ndarray]]) -> Any:
+    """A fresh ``CalibrationDataReader`` over ``feeds``."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._feeds: Iterator[Mapping[str, np.ndarray]] = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            item = next(self._feeds, None)
+            return None if item is None else dict(item)
+
+    return _Reader()
+
+
+def quantize_int8(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    *,
+    fmt: str = "qdq-u8s8",
+    method: str = "minmax",
+    min_rank: int = MIN_FLOAT_RANK,
+    rules: Sequence[str] = RULES,
+    reduce_range: bool = False,
+) -> list[FloatLayer]:
+    """Quantize one FP32 ONNX file to ``dest`` (per-channel weights); return the layers left in float.
+
+    Raises:
+        UserInputError: unknown format or calibration method.
+        QuantizationError: ONNX Runtime could not pre-process or quantize the model.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if fmt not in FORMATS:
+        raise UserInputError(f"unknown int8 format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if method not in CALIBRATION_METHODS:
+        raise UserInputError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+    qformat, act, weight, symmetric = FORMATS[fmt]
+    with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        try:
+            quant_pre_process(str(source), str(pre))
+            model = onnx.load(str(pre))
+            for i, node in enumerate(model.graph.node):  # nodes_to_exclude needs names
+                node.name = node.name or f"{node.op_type}_{i}"
+            onnx.save(model, str(pre))
+            keep = float_layers(model, min_rank=min_rank, rules=rules)
+            # TensorRT: symmetric int8 Q/DQ only; biases stay float (it has no int32 DequantizeLinear)
+            extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False} if symmetric else {}
+            quantize_static(
+                str(pre),
+                str(dest),
+                _reader(calibration),
+                quant_format=getattr(QuantFormat, qformat),
+                per_channel=True,
+                reduce_range=reduce_range,
+                activation_type=getattr(QuantType, act),
+                weight_type=getattr(QuantType, weight),
+                nodes_to_exclude=[f.node for f in keep],
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+                extra_options=extra,
+            )
+        except (UserInputError, QuantizationError):
+            raise
+        except Exception as exc:  # ORT raises bare Exceptions/ValueErrors with long texts
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise QuantizationError(f"ONNX Runtime could not quantize {Path(source).name} ({fmt}): {first}") from None
+    return keep
+
+
+def onnx_outputs(
+    path: str | os.PathLike[str], feeds: Sequence[Mapping[str, np.ndarray]], threads: int | None
+) -> np.ndarray:
+    """The first output of ``path`` over ``feeds``, concatenated along the batch axis (ONNX Runtime, CPU)."""
+    from runtime.ort_runner import OrtRunner
+
+    with OrtRunner(path, intra_op_threads=threads, name=Path(path).stem) as runner:
+        first = runner.output_names[0]
+        return np.concatenate([np.asarray(runner.infer(dict(f))[first]) for f in feeds])
+
+
+# Inputs -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputSpec:
+    """The single float input of a model: its name, the shape of one feed, and whether the batch is dynamic."""
+
+    name: str
+    shape: tuple[int, ...]  # batch of one feed first
+    dynamic_batch: bool
+
+    def feeds(self, images: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Split ``images`` into feeds of the model's batch (a fixed batch pads the last feed by repetition)."""
+        b = 32 if self.dynamic_batch else self.shape[0]
+        out = []
+        for start in range(0, len(images), b):
+            chunk = images[start : start + b]
+            if not self.dynamic_batch and len(chunk) < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), axis=0)])
+            out.append({self.name: np.ascontiguousarray(chunk, dtype=np.float32)})
+        return out
+
+    def synthetic(self, n: int, seed: int) -> np.ndarray:
+        """``n`` seeded standard-normal images of the model's shape (without the batch axis)."""
+        return np.random.default_rng(seed).standard_normal((n, *self.shape[1:]), dtype=np.float32)
+
+
+def input_spec(path: Path) -> InputSpec:
+    """The :class:`InputSpec` of an ONNX file (read through ONNX Runtime).
+
+    Raises:
+        UserInputError: more than one input, or dynamic non-batch dimensions.
+    """
+    from runtime.ort_runner import OrtRunner
+
+    with OrtRunner(path, name=path.stem) as runner:
+        meta = runner.get_input_metadata()
+    if len(meta) != 1:
+        raise UserInputError(f"{path.name} has {len(meta)} inputs; quantization here takes single-input models")
+    ((name, spec),) = meta.items()
+    dims = list(spec.shape or ())
+    if len(dims) < 2 or any(not isinstance(d, int) or d < 1 for d in dims[1:]):
+        raise UserInputError(f"{path.name}: input {name!r} {spec.describe()} needs fixed non-batch dimensions")
+    dynamic = not isinstance(dims[0], int) or dims[0] < 1
+    return InputSpec(name, (1 if dynamic else int(dims[0]), *(int(d) for d in dims[1:])), dynamic)
+
+
+def cpu_int8_support() -> dict[str, Any]:
+    """CPU model and its int8 dot-product extensions (VNNI, AMX; dotprod/i8mm on Arm) from /proc/cpuinfo."""
+    info: dict[str, Any] = {"model": None, "int8_dot": None}
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["model"] = fields.get("model name") or fields.get("CPU part")
+        flags = set((fields.get("flags") or fields.get("Features") or "").split())
+        info["int8_dot"] = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
+    return info
+
+
+def time_candidates(paths: Mapping[str, Path], spec: InputSpec, threads: int | None, seconds: float) -> dict[str, Any]:
+    """p50/p90 (ms) of each file, interleaved with :func:`runtime.harness.benchmark`."""
+    from runtime.harness import BenchmarkConfig, benchmark, random_feed
+    from runtime.ort_runner import OrtRunner
+
+    runners = {key: OrtRunner(path, intra_op_threads=threads, name=key) for key, path in paths.items()}
+    config = BenchmarkConfig(warmup_iters=3, warmup_s=0.2, duration_s=seconds, min_iters=10, block=5, block_warmup=1)
+    result = benchmark(runners, lambda key, r: random_feed(r.get_input_metadata(), batch=spec.shape[0]), config)
+    return {k: {"p50_ms": s.p50, "p90_ms": s.p90, "n": s.n} for k, s in result.stats.items()}

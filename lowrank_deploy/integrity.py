@@ -1,0 +1,334 @@
+"""Run-directory integrity: what each file was made from, one writer at a time, no leftovers, clean signals.
+
+Every stage records the SHA-256 digests of the files it read or wrote, so a later stage (and the report)
+can tell files of one run from files of another, an interrupted run, or a hand edit:
+
+* ``compress.json`` → ``"digests"``: ``plan.json``, ``dense.safetensors``, ``model.safetensors`` as written;
+* ``parity.json`` → ``"inputs"``: the plan and weights the export read; ``"digests"``: the ONNX files it wrote
+  and checked (``dense.onnx``, ``model.onnx``, ``model.sparse.onnx``);
+* ``latency.json`` → ``"inputs"``: the model files it timed (ONNX files, weights or engines).
+
+:func:`verify_chain` checks those links for a stage and raises one line naming the stale file and the
+stage to re-run; a record without digests (an older run directory) is trusted as before.
+
+:func:`run_lock` excludes concurrent writers of one run directory (``fcntl.flock`` on ``RUN_DIR/.lock``,
+re-entrant within a process) and, once held, removes the orphaned temporary files of earlier killed
+runs (:func:`clean_orphans`). :func:`install_signal_handlers` turns SIGTERM into an exception like
+Ctrl-C, so the atomic writers of :mod:`lowrank_deploy.io` remove their temporary files on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import signal
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from lowrank_deploy.errors import UserInputError
+
+__all__ = [
+    "DIGESTS",
+    "INPUTS",
+    "LOCK_FILE",
+    "Terminated",
+    "clean_orphans",
+    "file_digests",
+    "install_signal_handlers",
+    "is_orphan",
+    "run_lock",
+    "sha256_file",
+    "stale_sparse_onnx",
+    "verify_chain",
+]
+
+DIGESTS = "digests"
+"""Key of the files a stage wrote (name → sha256) in its JSON record."""
+INPUTS = "inputs"
+"""Key of the files a stage read (name → sha256) in its JSON record."""
+LOCK_FILE = ".lock"
+
+PLAN = "plan.json"
+WEIGHTS = ("dense.safetensors", "model.safetensors")
+ONNX = ("dense.onnx", "model.onnx")
+SPARSE = "model.sparse.onnx"
+ENGINES = ("dense.plan", "model.plan")
+COMPRESS_OUTPUTS = (PLAN, *WEIGHTS)
+
+_RERUN = {
+    "compress": "re-run the compress stage (`lowrank-deploy export` or `python -m compress run`)",
+    "export": "re-run the export stage (`python -m export onnx --run-dir {run_dir}`)",
+    "bench": "re-run the benchmark (`python -m runtime bench --run-dir {run_dir}`)",
+}
+
+
+# Digests ----------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: str | os.PathLike[str], names: Iterable[str]) -> dict[str, str]:
+    """``{name: sha256}`` of the files among ``names`` that exist in ``folder`` (in the given order)."""
+    base = Path(folder)
+    return {name: sha256_file(base / name) for name in names if (base / name).is_file()}
+
+
+def _recorded(record: Mapping[str, Any] | None, key: str) -> dict[str, str]:
+    value = (record or {}).get(key)
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, Mapping) else {}
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    from lowrank_deploy.io import read_json
+
+    data = read_json(path, what=path.name)
+    return data if isinstance(data, dict) else None
+
+
+def _stale(folder: Path, name: str, record: str, stage: str) -> UserInputError:
+    hint = _RERUN[stage].format(run_dir=folder)
+    state = "is missing" if not (folder / name).is_file() else "differs from the one"
+    what = f"{name} in {str(folder)!r} {state}"
+    if state == "is missing":
+        return UserInputError(f"{what} but {record} was made from it (a mixed or interrupted run); {hint}")
+    return UserInputError(f"{what} {record} was made from (stale: another or an interrupted run); {hint}")
+
+
+def _check(folder: Path, expected: Mapping[str, str], record: str, stage: str, actual: dict[str, str]) -> None:
+    for name, digest in expected.items():
+        if name not in actual:
+            actual[name] = sha256_file(folder / name) if (folder / name).is_file() else ""
+        if actual[name] != digest:
+            raise _stale(folder, name, record, stage)
+
+
+def verify_chain(run_dir: str | os.PathLike[str], stage: str) -> None:
+    """Check that the files ``stage`` reads belong to one run; raise naming the stale file otherwise.
+
+    Args:
+        run_dir: The run directory.
+        stage: ``"export"`` (plan and weights match ``compress.json``), ``"bench"`` (also: ``parity.json``
+            was made from those weights and the ONNX files are the ones it checked) or ``"report"``
+            (also: ``latency.json`` timed the current model files).
+
+    Raises:
+        UserInputError: one line naming the stale file and the stage to re-run.
+    """
+    folder = Path(run_dir)
+    actual: dict[str, str] = {}
+    compress = _read(folder / "compress.json")
+    made = _recorded(compress, DIGESTS)
+    _check(folder, made, "compress.json", "compress", actual)
+    if stage == "export":
+        return
+    parity = _read(folder / "parity.json")
+    inputs = _recorded(parity, INPUTS)
+    for name, digest in inputs.items():
+        if name in made and made[name] != digest:
+            raise UserInputError(
+                f"parity.json in {str(folder)!r} was made from another {name} than compress.json describes "
+                f"(stale export); {_RERUN['export'].format(run_dir=folder)}"
+            )
+    _check(folder, inputs, "parity.json", "export", actual)
+    written = {k: v for k, v in _recorded(parity, DIGESTS).items() if k != SPARSE}
+    _check(folder, written, "parity.json", "export", actual)
+    if stage == "bench":
+        return
+    latency = _read(folder / "latency.json")
+    _check(folder, _recorded(latency, INPUTS), "latency.json", "bench", actual)
+
+
+def stale_sparse_onnx(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``model.sparse.onnx`` exists but is not the copy the last export wrote and checked."""
+    folder = Path(run_dir)
+    path = folder / SPARSE
+    if not path.is_file():
+        return False
+    parity = _read(folder / "parity.json")
+    if parity is None or not parity.get("sparse_onnx"):
+        return True
+    recorded = _recorded(parity, DIGESTS)
+    if SPARSE not in recorded:  # an older parity.json: trusted when it describes a sparse copy
+        return False
+    return recorded[SPARSE] != sha256_file(path)
+
+
+# Lock -------------------------------------------------------------------------------------------------
+
+_held: dict[str, list[Any]] = {}
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike[str], *, create: bool = False) -> Iterator[Path | None]:
+    """Hold the exclusive lock of a run directory (``RUN_DIR/.lock``) for the block.
+
+    Re-entrant within one process (the chained command holds it while its stages take it again). Once
+    acquired, orphaned temporary files of earlier killed runs are removed (:func:`clean_orphans`); the
+    lock file is removed again on release. A directory that does not exist is created only with
+    ``create``; otherwise the block runs unlocked (there is nothing in it to protect).
+
+    Raises:
+        UserInputError: another process holds the lock (the message names it and the pid).
+    """
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        if not create:
+            yield None
+            return
+        from lowrank_deploy.io import ensure_writable_dir
+
+        ensure_writable_dir(folder)
+    key = str(folder.resolve())
+    with _held_guard:
+        entry = _held.get(key)
+        if entry is not None:
+            entry[1] += 1
+    if entry is not None:
+        try:
+            yield folder / LOCK_FILE
+        finally:
+            with _held_guard:
+                entry[1] -= 1
+        return
+    fd = _acquire(folder)
+    with _held_guard:
+        _held[key] = [fd, 1]
+    try:
+        clean_orphans(folder)
+        yield folder / LOCK_FILE
+    finally:
+        with _held_guard:
+            _held.pop(key, None)
+        _release(folder, fd)
+
+
+def _acquire(folder: Path) -> int:
+    import fcntl
+
+    path = folder / LOCK_FILE
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserInputError(
+                f"cannot create the lock file {str(path)!r} ({exc.strerror}); make the folder writable"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            pid = _lock_owner(path)
+            raise UserInputError(
+                f"run directory {str(folder)!r} is in use by another process{pid} (lock {LOCK_FILE}); "
+                "wait for it to finish or choose another OUT"
+            ) from None
+        try:  # the holder may have removed the file between our open and our lock: lock the live one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+    raise UserInputError(f"could not lock run directory {str(folder)!r}; try again")
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        pid = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _release(folder: Path, fd: int) -> None:
+    import fcntl
+
+    with contextlib.suppress(OSError):
+        (folder / LOCK_FILE).unlink()
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+# Orphans ----------------------------------------------------------------------------------------------
+
+
+def is_orphan(name: str) -> bool:
+    """Whether ``name`` is a temporary file of :func:`lowrank_deploy.io.atomic_path` or the writable check.
+
+    ``atomic_path`` names them ``.<stem>.<random>.tmp<suffix>`` (``.model.k3j9x.tmp.onnx``);
+    ``ensure_writable_dir`` uses ``.write-test-<random>``.
+    """
+    if not name.startswith("."):
+        return False
+    if name.startswith(".write-test-"):
+        return True
+    head, sep, _ = name.rpartition(".tmp")
+    return bool(sep) and head.count(".") >= 2
+
+
+def clean_orphans(folder: str | os.PathLike[str]) -> list[str]:
+    """Remove temporary files that killed runs left in ``folder`` (call it holding :func:`run_lock`).
+
+    Returns:
+        The names removed.
+    """
+    removed = []
+    base = Path(folder)
+    if not base.is_dir():
+        return removed
+    for entry in base.iterdir():
+        if is_orphan(entry.name) and entry.is_file() and not entry.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry.name)
+    return sorted(removed)
+
+
+# Signals ----------------------------------------------------------------------------------------------
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM/SIGHUP, so cleanup runs as for Ctrl-C.
+
+    Attributes:
+        signum: The signal number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """Handle SIGTERM (and SIGHUP) like SIGINT: raise :class:`Terminated` in the main thread.
+
+    Does nothing outside the main thread or where a handler other than the default is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _raise_terminated)
