@@ -71,14 +71,16 @@ export FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SPEEDUP ?=
 LATENCY_MS ?=
 DYNAMIC_BATCH ?=
+# make compare: the methods run at one target (RATIO/FLOPS/SPEEDUP/LATENCY_MS) and timed in one run.
+METHODS ?=
 _LRD_VARS := MODEL METHOD RATIO FLOPS SPEEDUP LATENCY_MS WEIGHTS BATCH OUT BACKEND DURATION THREADS ROUND_TO \
 	RANK_RULE EXPANSION ORTHO STAGES DATA TRAIN_EPOCHS FINETUNE_EPOCHS EVAL_SAMPLES PRECISION DYNAMIC_BATCH \
-	COMPRESS_ARGS EPOCHS NPROC TRAIN_ARGS ENGINE_ARGS
+	COMPRESS_ARGS EPOCHS NPROC TRAIN_ARGS ENGINE_ARGS METHODS
 $(foreach v,$(_LRD_VARS),$(eval export LRD_$(v) = $$($(v))))
 # The data prerequisite: installs Fashion-MNIST with apt when DATA=fashion-mnist and it is missing.
 _DATA_DEP   := $(if $(filter fashion-mnist,$(DATA)),data,)
 
-.PHONY: help venv data export train finetune engine test test-all lint bench clean
+.PHONY: help venv data export compare train finetune engine test test-all lint bench clean
 
 help:
 	@echo "make export MODEL=resnet34 [METHOD=tucker2|svd|tai|cp|vbmf-tucker2|ljsvd|rjsvd1|rjsvd2|bijsvd|lrsd|cc]"
@@ -87,6 +89,7 @@ help:
 	@echo "            [RANK_RULE=uniform|param-reduction|evbmf|energy] [EXPANSION=4 ORTHO=so|srip|none STAGES=1 (vbmf-tucker2)]"
 	@echo "            [DATA=fashion-mnist|folder] [TRAIN_EPOCHS=0] [FINETUNE_EPOCHS=0] [EVAL_SAMPLES=N]"
 	@echo "            [PRECISION=fp32|int8|fp16 (int8/fp16: quantized copies timed and reported beside FP32)]"
+	@echo "make compare MODEL=... METHODS=\"tucker2 tai auto cc\" [SPEEDUP=3 | RATIO=4 | FLOPS=0.5] [DATA=...]  one table, one timed run"
 	@echo "make train  MODEL=cifar_resnet18_w0.25 DATA=fashion-mnist [EPOCHS=3] [NPROC=1] [TRAIN_ARGS=...]"
 	@echo "make finetune MODEL=... METHOD=... DATA=... [FINETUNE_EPOCHS=1] [NPROC=1]  fine-tune a run directory"
 	@echo "make data   install Fashion-MNIST (apt package $$FASHION_MNIST_PKG) when it is missing"
@@ -114,6 +117,11 @@ data:
 
 export: $(STAMP) $(_DATA_DEP)
 	$(PY) -m lowrank_deploy export
+
+# Each of METHODS at one target into OUT/<model>/<method>/, then dense + all compressed ONNX models timed in one
+# interleaved run: OUT/<model>/compare.json, compare.md, compare.png.
+compare: $(STAMP) $(_DATA_DEP)
+	$(PY) -m lowrank_deploy compare
 
 # Train a model on DATA into OUT/<model>/train-<data>/ (resumes a checkpoint with the same settings).
 train: $(STAMP) $(_DATA_DEP)

@@ -161,14 +161,15 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def _ints(value: Any, what: str, *, positive: bool = False) -> list[int]:
-    """A list of whole numbers; 3.5, "abc" or True are refused (never truncated)."""
+def _ints(value: Any, what: str, *, positive: bool = False, minimum: int | None = None) -> list[int]:
+    """A list of whole numbers (≥ 1 if ``positive``, ≥ ``minimum`` if given); 3.5, "abc" or True are refused."""
     if not isinstance(value, list):
         raise UserInputError(f"malformed plan: {what} must be a list of integers, got {value!r}")
     out = []
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or (positive and v < 1):
-            kind = "positive integers" if positive else "integers"
+        low = 1 if positive else minimum
+        if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
+            kind = "positive integers" if low == 1 else "non-negative integers" if low == 0 else "integers"
             raise UserInputError(f"malformed plan: {what} must be a list of {kind}, got {v!r} in {value!r}")
         out.append(int(v))
     return out
@@ -189,7 +190,8 @@ def _layer_from_dict(entry: Any, index: int) -> LayerPlan:
     values["action"] = _text(entry.get("action"), f"{where}: action")
     values["shape"] = _ints(entry.get("shape"), f"{where}: shape", positive=True)
     if entry.get("ranks") is not None:
-        values["ranks"] = _ints(entry["ranks"], f"{where}: ranks", positive=True)
+        # 0 is a rank (LRSD's sparse-only layers); each factorization checks its own ranks when applied
+        values["ranks"] = _ints(entry["ranks"], f"{where}: ranks", minimum=0)
     if not isinstance(entry.get("info", {}), dict):
         raise UserInputError(f"malformed plan: {where}: info must be an object")
     return LayerPlan(**values)

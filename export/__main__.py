@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from export.merge_branches import merge_model
 from export.onnx import MIN_EXPORT_OPSET, graph_summary, load_onnx, onnx_from_torch, save_onnx
 from export.parity import DEFAULT_ATOL, DEFAULT_RTOL, check_onnx_parity
 from export.passes import optimize
@@ -167,6 +168,8 @@ def _export_run(args: argparse.Namespace) -> int:
         export_s = time.perf_counter() - start
         start = time.perf_counter()
         optimized = optimize(raw, opset=args.opset)
+        if key != DENSE:  # Bi-JSVD: two summed conv pairs → one pair of rank r1 + r2, shared factors kept once
+            optimized, _ = merge_model(optimized, shared=True)
         optimize_s = time.perf_counter() - start
         path = save_onnx(optimized, run_dir / filename)
         result = check_onnx_parity(

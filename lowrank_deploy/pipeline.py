@@ -32,7 +32,7 @@ from lowrank_deploy.cli import ArgumentParser
 from lowrank_deploy.errors import UserInputError
 from lowrank_deploy.integrity import run_lock
 
-__all__ = ["PROG", "Stage", "build_parser", "main", "plan_export", "run_dir_of"]
+__all__ = ["PROG", "Stage", "build_parser", "main", "plan_export", "run_dir_of", "run_stages"]
 
 PROG = "lowrank-deploy"
 ENV_PREFIX = "LRD_"
@@ -75,6 +75,7 @@ _TRAIN_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--nproc", "NPROC", "1", "processes (torchrun DDP when > 1)"),
     ("--train-args", "TRAIN_ARGS", None, "extra flags of `python -m compress train|finetune`, one string"),
     ("--engine-args", "ENGINE_ARGS", None, "extra flags of `python -m export engine`, one string"),
+    ("--methods", "METHODS", None, 'compare: the methods to run at one target, e.g. "tucker2 tai auto cc"'),
 )
 _OPTIONS = _EXPORT_OPTIONS + _TRAIN_OPTIONS
 
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "train the dense model on --data into OUT/<model>/train-<data>",
         "finetune": "fine-tune the compressed model of a run directory on --data",
         "engine": "build TensorRT engines from the run directory's ONNX files",
+        "compare": "run several METHODS at one target into OUT/<model>/<method>, time all in one run: "
+        "OUT/<model>/compare.json|md|png",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -274,11 +277,11 @@ def plan_export(values: dict[str, str | None]) -> tuple[Path, list[Stage]]:
     if data is not None:
         c_argv += ["--data", data, "--train-epochs", str(train_epochs), "--finetune-epochs", str(finetune_epochs)]
         c_argv += _flag(values, "--eval-samples")
+    if values["threads"] is not None and (values["speedup"] is not None or values["latency_ms"] is not None):
+        c_argv += ["--latency-threads", values["threads"]]  # predict and check at the threads the bench uses
     c_argv += _split(values["compress_args"], "COMPRESS_ARGS")
     c_args = _parse_stage(compress_parser(), c_argv)
-    target = target_from_args(c_args)
-    if target is not None and target.is_latency and "--speedup" not in compress_parser().format_help():
-        raise UserInputError(f"{target.text()} is not supported by this version of the compress stage")
+    target_from_args(c_args)  # one of RATIO/FLOPS/SPEEDUP/LATENCY_MS (the run parser has all four)
     config_from_args(c_args)  # method, target and method options, as the compress stage will check them
     size = c_args.input_size or 224
     channels = 1 if data == "fashion-mnist" else 3
@@ -326,7 +329,8 @@ def _owned_run_dir(run_dir: Path) -> Iterator[None]:
                     folder.rmdir()
 
 
-def _run_stages(run_dir: Path, stages: list[Stage]) -> int:
+def run_stages(run_dir: Path, stages: list[Stage]) -> int:
+    """Run ``stages`` in order inside ``run_dir`` (created and locked); a failing stage raises UserInputError."""
     with _owned_run_dir(run_dir):
         for i, stage in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {stage.name}: {stage.command()}", flush=True)
@@ -426,7 +430,12 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     values = _resolve(args, os.environ if environ is None else environ)
     if args.command == "export":
         run_dir, stages = plan_export(values)
-        code = _run_stages(run_dir, stages)
+        code = run_stages(run_dir, stages)
         print(f"report: {run_dir / 'report.md'}")
         return code
+    if args.command == "compare":
+        from lowrank_deploy.compare import run_compare
+
+        run_compare(values)
+        return 0
     return {"train": _train, "finetune": _finetune, "engine": _engine}[args.command](values)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m runtime {bench,report,onnx,env}``.
+"""Command line: ``python -m runtime {bench,report,onnx,profile,env}``.
 
 A thin layer over the library: each subcommand builds runners through the registry
 (:func:`runtime.base.runner_class` → ``cli_options`` / ``bench_runners`` / ``from_path``; no backend is
@@ -96,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(onnx)
     _add_timing_args(onnx)
 
+    profile = sub.add_parser(
+        "profile",
+        help="per-layer profile of dense.onnx and model.onnx (ONNX Runtime profiler)",
+        description="Profile DIR/dense.onnx and DIR/model.onnx with ONNX Runtime's profiler, map node times back "
+        "to the plan's layers and write profile.json and profile.md (see runtime.profile).",
+    )
+    profile.add_argument("--run-dir", required=True, type=Path, help="run directory of the export stage")
+    profile.add_argument("--backend", default="ort", choices=("ort",), help="profiler backend (ort only)")
+    profile.add_argument(
+        "--threads", type=count_arg("--threads", high=4096), default=1, help="intra-op threads (default 1)"
+    )
+    profile.add_argument("--iters", type=count_arg("--iters", high=MAX_ITERS), default=20, help="profiled runs")
+    profile.add_argument("--warmup-iters", type=count_arg("--warmup-iters", low=0), default=5, help="untimed runs")
+    profile.add_argument("--batch", type=count_arg("--batch", high=MAX_BATCH), default=1, help="batch size")
+
     sub.add_parser("env", help="print the captured environment as JSON", description="Print capture_environment().")
     return parser
 
@@ -167,8 +182,9 @@ def _add_timing_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand; returns the exit code."""
     args = build_parser().parse_args(argv)
-    command = {"bench": _cmd_bench, "report": _cmd_report, "onnx": _cmd_onnx, "env": _cmd_env}[args.command]
-    if args.command in ("bench", "report"):  # one writer per run directory
+    commands = {"bench": _cmd_bench, "report": _cmd_report, "onnx": _cmd_onnx, "env": _cmd_env, "profile": _cmd_profile}
+    command = commands[args.command]
+    if args.command in ("bench", "report", "profile"):  # one writer per run directory
         with run_lock(args.run_dir):
             return command(args)
     return command(args)
@@ -238,6 +254,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     write_report(args.run_dir)
     print(RunDir(args.run_dir).report_md.read_text(encoding="utf-8"))
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from lowrank_deploy.rundir import RunDir
+    from runtime.profile import PROFILE_MD, write_profile
+
+    write_profile(args.run_dir, threads=args.threads, iters=args.iters, warmup=args.warmup_iters, batch=args.batch)
+    print(RunDir(args.run_dir).file(PROFILE_MD).read_text(encoding="utf-8"))
     return 0
 
 

@@ -54,8 +54,9 @@ def quantized_markdown(report: Mapping[str, Any]) -> tuple[list[str], list[str]]
     q = report.get("quantized")
     if not q:
         return [], []
-    label = f"{q['precision']}" + (f", {q['format']}" if q.get("format") != q.get("precision") else "")
     d, c = q[DENSE], q[COMPRESSED]
+    one_format = d.get("format") == c.get("format") and q.get("format") != q.get("precision")
+    label = f"{q['precision']}, {q['format']}" if one_format else q["precision"]
     rows = [
         f"| ONNX MB, {label} | {_mb(d.get('onnx_bytes'))} | {_mb(c.get('onnx_bytes'))} | "
         f"{_x(_ratio(d.get('onnx_bytes'), c.get('onnx_bytes')))} |"
@@ -75,6 +76,8 @@ def quantized_markdown(report: Mapping[str, Any]) -> tuple[list[str], list[str]]
         )
     elif q.get("timing_note"):
         bullets.append(f"- {q['precision']} latency {q['timing_note']}")
+    if not one_format and q.get("format") != q.get("precision"):
+        bullets.append(f"- {q['precision']} format (auto: the fastest per model): {q['format']}")
     calib = q.get("calibration") or {}
     if calib:
         bullets.append(f"- Calibration: {calib.get('n')} {calib.get('source')} inputs, {calib.get('method')}")

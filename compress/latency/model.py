@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compress.latency.table import LatencyTable, cpu_identity, default_table_path, device_id
+from lowrank_deploy.errors import UserInputError
 
 __all__ = ["DenseProfile", "LatencyModel", "Timer", "block_key", "layer_inputs"]
 
@@ -102,7 +103,9 @@ class LatencyModel:
         timer: What times blocks and models (default :class:`~compress.latency.ort_timing.OrtTimer`).
         table: The lookup table (default the on-disk table of this backend and CPU).
         threads: Intra-op threads of the default timer.
-        precision: Part of the timing context (``fp32``).
+        precision: ``fp32`` or ``int8``: what the default timer times (int8: each block quantized, see
+            :mod:`compress.latency.int8`); part of the timing context, so int8 and float times never mix.
+            A given ``timer`` with a ``precision`` attribute must agree with it.
         batch: Batch size of every timed shape (input shapes are re-batched to it).
     """
 
@@ -118,12 +121,15 @@ class LatencyModel:
         if timer is None:
             from compress.latency.ort_timing import OrtTimer
 
-            timer = OrtTimer(threads)
+            timer = OrtTimer(threads, precision=precision)
+        elif getattr(timer, "precision", precision) != precision:
+            raise UserInputError(f"the timer times {timer.precision}, not {precision}")  # type: ignore[attr-defined]
         self.timer = timer
         self.table = table if table is not None else LatencyTable(default_table_path(timer.backend))
         self.precision, self.batch = precision, batch
         self.device = cpu_identity()
-        self.context = f"{timer.backend}|{device_id(self.device)}|threads={timer.threads}|{precision}|{self._runtime()}"
+        tag = getattr(timer, "precision_tag", precision)  # int8 times are keyed by their format too
+        self.context = f"{timer.backend}|{device_id(self.device)}|threads={timer.threads}|{tag}|{self._runtime()}"
         self.timed = 0  # blocks timed by this object (table misses)
         self._profiles: dict[str, DenseProfile] = {}
 

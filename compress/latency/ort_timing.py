@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.latency.int8 import BLOCK_RULES, INT8_FORMAT, PRECISIONS, quantize_onnx_bytes
 from lowrank_deploy.errors import UserInputError
 
 __all__ = ["OrtTimer", "export_bytes", "ort_version"]
@@ -74,6 +75,9 @@ class OrtTimer:
         repeats: Timed runs at least (more while under ``min_seconds``, at most ``max_repeats``).
         min_seconds: Keep timing a fast block until this much time is spent.
         max_repeats: Upper bound of timed runs.
+        precision: ``fp32``, or ``int8``: every block and model is quantized before it is timed
+            (:mod:`compress.latency.int8`: the export's static per-channel settings, synthetic calibration).
+        int8_format: The int8 format of ``precision="int8"`` (part of :attr:`precision_tag`).
     """
 
     backend = "ort-cpu"
@@ -86,9 +90,17 @@ class OrtTimer:
         repeats: int = 10,
         min_seconds: float = 0.1,
         max_repeats: int = 200,
+        precision: str = "fp32",
+        int8_format: str = INT8_FORMAT,
     ) -> None:
         if threads < 1:
             raise UserInputError(f"threads must be ≥ 1, got {threads}")
+        if precision not in PRECISIONS:
+            raise UserInputError(
+                f"latency precision must be one of {', '.join(PRECISIONS)}, got {precision!r} "
+                "(ONNX Runtime's CPU timing of FP16 is not meaningful)"
+            )
+        self.precision, self.int8_format = precision, int8_format
         self.threads, self.warmup, self.repeats = threads, warmup, repeats
         self.min_seconds, self.max_repeats = min_seconds, max_repeats
         self.calls = 0
@@ -107,10 +119,22 @@ class OrtTimer:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
+    @property
+    def precision_tag(self) -> str:
+        """The precision part of the lookup table's context: ``fp32`` or ``int8-<format>``."""
+        return self.precision if self.precision == "fp32" else f"{self.precision}-{self.int8_format}"
+
+    def model_bytes(self, module: nn.Module, input_shape: Sequence[int], *, block: bool) -> bytes:
+        """``module`` exported (and quantized at ``int8``: a block with the per-layer rules, a model with all)."""
+        data = export_bytes(module, input_shape)
+        if self.precision == "int8":
+            data = quantize_onnx_bytes(data, input_shape, fmt=self.int8_format, rules=BLOCK_RULES if block else None)
+        return data
+
     def time_module(self, module: nn.Module, input_shape: Sequence[int]) -> float:
-        """Median ms of one forward of ``module`` at ``input_shape`` (exported, then timed)."""
+        """Median ms of one forward of ``module`` at ``input_shape`` (exported, quantized at int8, then timed)."""
         self.calls += 1
-        session = self._session(export_bytes(module, input_shape))
+        session = self._session(self.model_bytes(module, input_shape, block=True))
         feed = {"input": torch.randn(*input_shape).numpy()}
         for _ in range(self.warmup):
             session.run(None, feed)
@@ -126,7 +150,7 @@ class OrtTimer:
 
     def measure(self, models: Sequence[nn.Module], input_shape: Sequence[int], *, repeats: int = 20) -> list[float]:
         """Median ms of each whole model, timed interleaved (one run of each in turn, ``repeats`` rounds)."""
-        sessions = [self._session(export_bytes(m, input_shape)) for m in models]
+        sessions = [self._session(self.model_bytes(m, input_shape, block=False)) for m in models]
         feed = {"input": torch.randn(*input_shape, generator=torch.Generator().manual_seed(2)).numpy()}
         for s in sessions:
             for _ in range(self.warmup):

@@ -62,9 +62,12 @@ def _onnx_accuracy(path: Path, spec: InputSpec, split: Any, threads: int | None)
     """Top-1 (top-5 above 10 classes), Wilson interval, mean cross-entropy of an ONNX file on ``split``."""
     from compress.train.evaluation import wilson_interval
 
-    images, labels = split.batch(range(len(split)))
-    logits = onnx_outputs(path, spec.feeds(images.numpy()), threads)[: len(labels)].astype(np.float64)
-    y = labels.numpy()
+    chunks, ys = [], []
+    for start in range(0, len(split), 256):  # 256 images in memory at a time
+        images, labels = split.batch(range(start, min(start + 256, len(split))))
+        chunks.append(onnx_outputs(path, spec.feeds(images.numpy()), threads)[: len(labels)])
+        ys.append(labels.numpy())
+    logits, y = np.concatenate(chunks).astype(np.float64), np.concatenate(ys)
     shifted = logits - logits.max(axis=1, keepdims=True)
     loss = float(np.mean(np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(y)), y]))
     top = np.argsort(-logits, axis=1)[:, : min(5, logits.shape[1])]

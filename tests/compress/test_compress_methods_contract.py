@@ -165,8 +165,8 @@ def test_plan_from_dict_refuses_unknown_keys_and_fractional_ranks() -> None:
         Plan.from_dict({**data, "layers": [{**entry, "rank": [3]}]})
     with pytest.raises(UserInputError, match="unknown key 'targte'"):
         Plan.from_dict({**data, "targte": {}})
-    for bad in (3.5, "abc", True, 0):
-        with pytest.raises(UserInputError, match="ranks must be a list of positive integers"):
+    for bad in (3.5, "abc", True, -1):
+        with pytest.raises(UserInputError, match="ranks must be a list of non-negative integers"):
             Plan.from_dict({**data, "layers": [{**entry, "ranks": [bad, *entry["ranks"][1:]]}]})
     assert Plan.from_dict(data).to_dict() == data
 
@@ -226,7 +226,7 @@ def test_every_method_plans_applies_exports_and_matches(name: str, model_name: s
         pytest.skip(f"{name} does not apply to {model_name}: {message}")
     assert plan.method == name
     assert plan.factorized_layers, "the plan factorizes nothing"
-    assert plan.totals["params_after_measured"] < plan.totals["params_before"]
+    assert plan.totals["params_after"] < plan.totals["params_before"]  # stored values (LRSD's S counted sparse)
     rebuilt = method.apply_(factory().eval(), Plan.from_dict(plan.to_dict()), init="empty")
     assert [tuple(p.shape) for p in rebuilt.state_dict().values()] == [
         tuple(p.shape) for p in compressed.state_dict().values()

@@ -343,7 +343,9 @@ def test_report_target_flops_and_no_target(run_dir, fake_result):
     assert write_report(run_dir)["target"] == {"kind": None, "value": None, "achieved": None, "met": None}
 
 
-@pytest.mark.parametrize(("kind", "value", "met"), [("speedup", 1.5, True), ("speedup", 3.0, False), ("latency_ms", 1.0, False)])
+@pytest.mark.parametrize(
+    ("kind", "value", "met"), [("speedup", 1.5, True), ("speedup", 3.0, False), ("latency_ms", 1.0, False)]
+)
 def test_report_latency_target_measured_and_predicted(run_dir, fake_result, kind, value, met):
     table = {"path": "/tmp/latency-ort-cpu-x.json", "entries": 42}
     _set_target(
