@@ -21,6 +21,9 @@ RATIO    ?=
 FLOPS    ?=
 WEIGHTS  ?= auto
 BATCH    ?= 1
+# INPUT_SIZE: square input size of compress, export and timing (default: the model's own, 224 for most
+# classifiers, 520 for segmentation, the detector's min_size); a whole number in [1, 8192].
+INPUT_SIZE ?=
 OUT      ?= artifacts
 BACKEND  ?= ort
 DURATION ?= 10
@@ -73,7 +76,7 @@ LATENCY_MS ?=
 DYNAMIC_BATCH ?=
 # make compare: the methods run at one target (RATIO/FLOPS/SPEEDUP/LATENCY_MS) and timed in one run.
 METHODS ?=
-_LRD_VARS := MODEL METHOD RATIO FLOPS SPEEDUP LATENCY_MS WEIGHTS BATCH OUT BACKEND DURATION THREADS ROUND_TO \
+_LRD_VARS := MODEL METHOD RATIO FLOPS SPEEDUP LATENCY_MS WEIGHTS BATCH INPUT_SIZE OUT BACKEND DURATION THREADS ROUND_TO \
 	RANK_RULE EXPANSION ORTHO STAGES DATA TRAIN_EPOCHS FINETUNE_EPOCHS EVAL_SAMPLES PRECISION DYNAMIC_BATCH \
 	COMPRESS_ARGS EPOCHS NPROC TRAIN_ARGS ENGINE_ARGS METHODS
 $(foreach v,$(_LRD_VARS),$(eval export LRD_$(v) = $$($(v))))
@@ -85,7 +88,7 @@ _DATA_DEP   := $(if $(filter fashion-mnist,$(DATA)),data,)
 help:
 	@echo "make export MODEL=resnet34 [METHOD=tucker2|svd|tai|cp|vbmf-tucker2|ljsvd|rjsvd1|rjsvd2|bijsvd|lrsd|cc]"
 	@echo "            [RATIO=4 (params factor) | FLOPS=0.5 (fraction of FLOPs removed)] [WEIGHTS=auto|imagenet|random|path]"
-	@echo "            [BATCH=1] [OUT=artifacts] [BACKEND=ort|torch] [DURATION=10] [ROUND_TO=8]"
+	@echo "            [BATCH=1] [INPUT_SIZE=N] [OUT=artifacts] [BACKEND=ort|torch] [DURATION=10] [ROUND_TO=8]"
 	@echo "            [RANK_RULE=uniform|param-reduction|evbmf|energy] [EXPANSION=4 ORTHO=so|srip|none STAGES=1 (vbmf-tucker2)]"
 	@echo "            [DATA=fashion-mnist|folder] [TRAIN_EPOCHS=0] [FINETUNE_EPOCHS=0] [EVAL_SAMPLES=N]"
 	@echo "            [PRECISION=fp32|int8|fp16 (int8/fp16: quantized copies timed and reported beside FP32)]"

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from compress.api import apply_plan_
-from compress.models import load_model
+from compress.models import has_aux_classifier, load_model
 from compress.plan import Plan
 from lowrank_deploy.checks import check_finite_module
 from lowrank_deploy.errors import UserInputError
@@ -79,6 +79,17 @@ def save_run(
     return folder
 
 
+def _saved_aux_classifier(path: Path) -> bool:
+    """Whether the weights file holds a segmentation model's ``aux_classifier`` (read from its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return has_aux_classifier(dict.fromkeys(f.keys()))
+    except Exception:  # a corrupt file is reported by the weight loading below
+        return False
+
+
 def load_run(run_dir: str | os.PathLike[str]) -> RunArtifacts:
     """Rebuild the dense and compressed models of a run directory (eval mode, float32, CPU).
 
@@ -102,7 +113,10 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunArtifacts:
     except (KeyError, TypeError, IndexError, ValueError):
         raise UserInputError(f"{folder / INFO_FILE} lacks model_spec/input_shape; re-run the compress stage") from None
     channels = int(info["input_shape"][1]) if len(info["input_shape"]) == 4 else None
-    base = load_model(spec, "random", num_classes=num_classes, input_size=size, in_channels=channels).model
+    aux = _saved_aux_classifier(folder / DENSE_WEIGHTS) or None  # a segmentation model loaded with its aux head
+    base = load_model(
+        spec, "random", num_classes=num_classes, input_size=size, in_channels=channels, aux_loss=aux
+    ).model
     dense = base
     compressed = apply_plan_(copy.deepcopy(base), plan, init="empty")
     for model, name in ((dense, DENSE_WEIGHTS), (compressed, MODEL_WEIGHTS)):

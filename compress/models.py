@@ -45,6 +45,7 @@ from lowrank_deploy.errors import UserInputError
 
 __all__ = [
     "LoadedModel",
+    "has_aux_classifier",
     "input_channels",
     "list_models",
     "load_into",
@@ -96,6 +97,7 @@ def load_model(
     input_size: int | None = None,
     seed: int = 0,
     in_channels: int | None = None,
+    aux_loss: bool | None = None,
 ) -> LoadedModel:
     """Build a model from a zoo name, a torchvision name or ``path/to/file.py:fn`` and load its weights.
 
@@ -110,6 +112,10 @@ def load_model(
         in_channels: Input channels (default 3). Zoo models are built for it; a torchvision model gets a
             new stem conv (same kernel, stride, padding) only with ``random`` or file weights; a factory's
             model must already have it.
+        aux_loss: Segmentation models with ``random`` or file weights: build the auxiliary classifier (its
+            output becomes the second named output, ``aux``). Default: when the weights file holds
+            ``aux_classifier.*`` tensors (a checkpoint saved from a model built with ``aux_loss=True``).
+            Pretrained weights (``auto``/``imagenet``) bring their own head.
 
     Raises:
         UserInputError: unknown model, unavailable pretrained weights, unreadable weights file, or input
@@ -158,12 +164,13 @@ def load_model(
                 "pass WEIGHTS=path/to/weights.pt to compress trained weights"
             )
         else:
+            state = None if weights == "random" else load_state_dict_file(weights)
             if not is_factory:
-                model = _torchvision_build(spec, num_classes=num_classes)
+                aux = aux_loss if aux_loss is not None else state is not None and has_aux_classifier(state)
+                model = _torchvision_build(spec, num_classes=num_classes, aux_loss=aux)
                 if in_channels not in (None, 3):
                     _replace_stem_(model, spec, in_channels)
-            if weights != "random":
-                state = load_state_dict_file(weights)
+            if state is not None:
                 load_into(model, state, weights)
                 source = str(weights)
     model.eval()
@@ -241,10 +248,22 @@ def _check_torchvision_name(name: str) -> None:
         )
 
 
-def _torchvision_build(name: str, *, num_classes: int | None, weights: Any = None) -> nn.Module:
+def has_aux_classifier(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a segmentation state_dict (plain, or of the :mod:`compress.task_models` wrapper) has an aux head."""
+    return any(k.removeprefix("model.").startswith("aux_classifier.") for k in state)
+
+
+def _torchvision_build(name: str, *, num_classes: int | None, weights: Any = None, aux_loss: bool = False) -> nn.Module:
     import torchvision
 
     kwargs: dict[str, Any] = {}
+    if aux_loss and task_of(name) == "segmentation" and weights is None:
+        if name.startswith("lraspp"):
+            raise UserInputError(
+                f"{name} has no auxiliary classifier, but the weights hold aux_classifier.* tensors; "
+                "check MODEL (deeplabv3_*/fcn_* have one)"
+            )
+        kwargs["aux_loss"] = True
     if num_classes is not None and weights is None:
         kwargs["num_classes"] = num_classes
     if name == "inception_v3" or name.startswith("googlenet"):

@@ -185,7 +185,8 @@ def _export_run(args: argparse.Namespace) -> int:
         }
         print(_summary_line(key, path, summary, result))
         if not result.passed:
-            failures.append(f"{key} ({filename}): {result}")
+            failing = [name for name, r in (result.outputs or {}).items() if not r["passed"]]
+            failures.append(f"{key} ({filename}{', outputs ' + ', '.join(failing) if failing else ''}): {result}")
         if key != DENSE and args.sparse_initializers == "auto":
             sparse = _sparse_copy(model, optimized, run_dir, input_shape, args)
             if sparse is not None:
@@ -310,8 +311,17 @@ def _summary_line(key: str, path: Path, summary: dict[str, Any], result: Any) ->
         f"{key:<10} {path.name:<11} {summary['file_bytes'] / 1e6:8.2f} MB  "
         f"{summary['n_params'] / 1e6:7.3f} M params  "
         f"{summary['n_nodes']} nodes ({ops})  shared={len(summary['shared_initializers'])}  "
-        f"parity {verdict} max_abs={result.max_abs:.2e} rel_l2={result.rel_l2:.2e}"
+        f"parity {verdict} max_abs={result.max_abs:.2e} rel_l2={result.rel_l2:.2e}" + _per_output(result)
     )
+
+
+def _per_output(result: Any) -> str:
+    """`` [out PASS max_abs=…, aux PASS max_abs=…]`` for a model with several named outputs, else ``""``."""
+    outputs = getattr(result, "outputs", None) or {}
+    if len(outputs) < 2:
+        return ""
+    parts = [f"{name} {'PASS' if r['passed'] else 'FAIL'} max_abs={r['max_abs']:.2e}" for name, r in outputs.items()]
+    return " [" + ", ".join(parts) + "]"
 
 
 if __name__ == "__main__":

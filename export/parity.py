@@ -69,6 +69,8 @@ class ParityResult:
         n_failed: Number of elements violating both tolerances.
         required_atol: Smallest ``atol`` that would pass at this ``rtol``.
         required_rtol: Smallest ``rtol`` that would pass at this ``atol``.
+        outputs: Per named output (ONNX output name → this record's fields for that output alone), set
+            by :func:`check_onnx_parity`; ``None`` for a single comparison (then left out of :meth:`to_dict`).
     """
 
     max_abs: float
@@ -87,6 +89,7 @@ class ParityResult:
     n_failed: int = 0
     required_atol: float = 0.0
     required_rtol: float = 0.0
+    outputs: dict[str, dict[str, Any]] | None = dataclasses.field(default=None, hash=False, compare=False)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -107,6 +110,8 @@ class ParityResult:
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name == "outputs" and value is None:
+                continue
             if isinstance(value, float) and not math.isfinite(value):
                 value = None
             elif isinstance(value, tuple):
@@ -277,6 +282,8 @@ def _compare_with_runner(
 
     rng = np.random.default_rng(seed)
     refs, acts = [], []
+    per_ref: dict[str, list[np.ndarray]] = {n: [] for n in outputs}
+    per_act: dict[str, list[np.ndarray]] = {n: [] for n in outputs}
     with eval_mode(torch_model), torch.inference_mode():
         device = next((p.device for p in torch_model.parameters()), torch.device("cpu"))
         for _ in range(batches):
@@ -286,6 +293,9 @@ def _compare_with_runner(
                 got = runner.infer({input_name: x})
                 refs.append(_joined_outputs(ref, got, outputs, "PyTorch"))
                 acts.append(_joined_outputs(None, got, outputs, "ONNX Runtime"))
+                for name, tensor in zip(outputs, ref, strict=True):
+                    per_ref[name].append(tensor.detach().float().cpu().numpy())
+                    per_act[name].append(np.asarray(got[name]))
                 continue
             if not isinstance(ref, torch.Tensor):
                 raise ExportError(f"parity check needs a model returning one tensor, got {type(ref).__name__}")
@@ -295,13 +305,24 @@ def _compare_with_runner(
                 raise ParityError(
                     f"output shapes differ: PyTorch {list(refs[-1].shape)} vs ONNX Runtime {list(acts[-1].shape)}"
                 )
-    ref_all, act_all = np.concatenate(refs), np.concatenate(acts)
+    result = _checked(np.concatenate(refs), np.concatenate(acts), atol, rtol)
+    if len(outputs) > 1:
+        each = {n: _checked(np.concatenate(per_ref[n]), np.concatenate(per_act[n]), atol, rtol) for n in outputs}
+    else:
+        each = {outputs[0]: result}
+    result = dataclasses.replace(result, outputs={n: r.to_dict() for n, r in each.items()})
+    if raise_on_failure and not result.passed:
+        failing = ", ".join(n for n, r in each.items() if not r.passed)
+        raise ParityError(f"ONNX Runtime output differs from PyTorch ({failing}): {result}")
+    return result
+
+
+def _checked(ref_all: np.ndarray, act_all: np.ndarray, atol: float, rtol: float) -> ParityResult:
+    """:func:`compare_outputs`, failed where either side holds NaN/inf."""
     result = compare_outputs(ref_all, act_all, atol=atol, rtol=rtol)
     nonfinite = int(np.count_nonzero(~np.isfinite(ref_all)) + np.count_nonzero(~np.isfinite(act_all)))
     if nonfinite:  # NaN/inf outputs are a broken model even where PyTorch and ONNX Runtime agree on them
         result = dataclasses.replace(result, passed=False, n_failed=max(result.n_failed, nonfinite))
-    if raise_on_failure and not result.passed:
-        raise ParityError(f"ONNX Runtime output differs from PyTorch: {result}")
     return result
 
 

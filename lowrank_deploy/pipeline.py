@@ -37,6 +37,8 @@ __all__ = ["PROG", "Stage", "build_parser", "main", "plan_export", "run_dir_of",
 PROG = "lowrank-deploy"
 ENV_PREFIX = "LRD_"
 PRECISIONS = ("fp32", "fp16", "int8")
+MAX_INPUT_SIZE = 8192
+"""Largest accepted INPUT_SIZE (pixels per side)."""
 
 # (flag, Makefile variable, default, help); every flag is also read from LRD_<VARIABLE>.
 _EXPORT_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
@@ -48,6 +50,12 @@ _EXPORT_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--latency-ms", "LATENCY_MS", None, "measured p50 latency target in ms"),
     ("--weights", "WEIGHTS", "auto", "auto | imagenet | random | path to a weights file"),
     ("--batch", "BATCH", "1", "batch size of export and timing"),
+    (
+        "--input-size",
+        "INPUT_SIZE",
+        None,
+        "square input size of compress, export and timing (default: the model's, e.g. 224; 520 for segmentation)",
+    ),
     ("--out", "OUT", "artifacts", "output folder; the run directory is OUT/<model>/<method>"),
     ("--backend", "BACKEND", "ort", "runtime backend (ort, torch, trt, ...)"),
     ("--duration", "DURATION", "10", "benchmark budget in seconds (finite, > 0)"),
@@ -241,6 +249,9 @@ def plan_export(values: dict[str, str | None]) -> tuple[Path, list[Stage]]:
 
     get_method(method)
     batch = check_count(values["batch"], "BATCH", high=MAX_BATCH)
+    input_size = None
+    if values["input_size"] is not None:
+        input_size = check_count(values["input_size"], "INPUT_SIZE", high=MAX_INPUT_SIZE)
     duration = check_duration(values["duration"], "DURATION")
     if values["threads"] is not None:
         check_count(values["threads"], "THREADS", high=4096)
@@ -272,6 +283,7 @@ def plan_export(values: dict[str, str | None]) -> tuple[Path, list[Stage]]:
     for flag in ("--ratio", "--flops", "--speedup", "--latency-ms"):
         c_argv += _flag(values, flag)
     c_argv += ["--weights", weights, "--batch", str(batch), "--run-dir", str(run_dir)]
+    c_argv += [] if input_size is None else ["--input-size", str(input_size)]
     for flag in ("--round-to", "--rank-rule", "--expansion", "--orthogonality", "--stages"):
         c_argv += _flag(values, flag)
     if data is not None:
@@ -279,6 +291,8 @@ def plan_export(values: dict[str, str | None]) -> tuple[Path, list[Stage]]:
         c_argv += _flag(values, "--eval-samples")
     if values["threads"] is not None and (values["speedup"] is not None or values["latency_ms"] is not None):
         c_argv += ["--latency-threads", values["threads"]]  # predict and check at the threads the bench uses
+    if precision == "int8" and (values["speedup"] is not None or values["latency_ms"] is not None):
+        c_argv += ["--latency-precision", "int8"]  # plan ranks with int8 block latencies, not float ones
     c_argv += _split(values["compress_args"], "COMPRESS_ARGS")
     c_args = _parse_stage(compress_parser(), c_argv)
     target_from_args(c_args)  # one of RATIO/FLOPS/SPEEDUP/LATENCY_MS (the run parser has all four)

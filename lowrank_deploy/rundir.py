@@ -353,7 +353,9 @@ class CompressRecord(JsonRecord):
     """``compress.json``: what the compress stage did, read by export (input shape) and the report.
 
     ``dense`` / ``compressed`` are ``{"params", "macs"}``; ``accuracy`` (with DATA), ``sparse_storage``
-    (low-rank + sparse) and ``dense_training`` are written only when they apply.
+    (low-rank + sparse) and ``dense_training`` are written only when they apply. ``task``
+    (``"classification"``, ``"segmentation"``, ``"detection"``) and ``output_names`` (the ONNX outputs,
+    e.g. ``["out"]``, ``["cls_logits", "bbox_regression"]``) are absent from files written before them.
     """
 
     FILE: ClassVar[str] = COMPRESS_JSON
@@ -365,7 +367,9 @@ class CompressRecord(JsonRecord):
         "compressed.params",
         "compressed.macs",
     )
-    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"sparse_storage", "dense_training", "accuracy", "finetune"})
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"sparse_storage", "dense_training", "accuracy", "finetune", "task", "output_names"}
+    )
 
     model: str
     model_spec: str | None = None
@@ -375,6 +379,8 @@ class CompressRecord(JsonRecord):
     weights_warning: str | None = None
     input_shape: list[int] | None = None
     num_classes: int | None = None
+    task: str | None = None
+    output_names: list[str] | None = None
     config: dict[str, Any] | None = None
     dense: dict[str, Any]
     compressed: dict[str, Any]

@@ -246,8 +246,10 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         {"model", "method", "weights", "input_shape", "backend", "batch",
          "dense": {"params", "macs", "onnx_bytes", "latency_ms": {"p50", "p90", "p99"}},
          "compressed": {same keys},
-         "parity": {"max_abs", "max_rel", "atol", "rtol"},   # compressed ONNX vs its PyTorch
-         "parity_dense": {"max_abs", "max_rel"},              # dense ONNX vs its PyTorch
+         "parity": {"max_abs", "max_rel", "atol", "rtol",     # compressed ONNX vs its PyTorch
+                    "passed", "outputs": {ONNX output name: {"max_abs", "max_rel", "passed"}}},
+         "parity_dense": {"max_abs", "max_rel", "passed", "outputs"},  # dense ONNX vs its PyTorch
+                    # passed/outputs: absent for a parity.json written before per-output results
          "sparse_onnx": null | {"file", "onnx_bytes", "max_abs", "sparse_values", "n_sparse_initializers"},
          "sparse_storage": null | {"params_values", "params_with_index", "ratio_values", "ratio_with_index",
                                    "macs_sparse_kernel", "macs_2to4"},  # low-rank + sparse (LRSD) runs
@@ -335,8 +337,9 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "max_rel": par_c.get("max_rel"),
             "atol": parity.atol,
             "rtol": parity.rtol,
+            **_parity_outputs(par_c),
         },
-        "parity_dense": {"max_abs": par_d.get("max_abs"), "max_rel": par_d.get("max_rel")},
+        "parity_dense": {"max_abs": par_d.get("max_abs"), "max_rel": par_d.get("max_rel"), **_parity_outputs(par_d)},
         "sparse_onnx": None if stale else _sparse_onnx(parity.sparse_onnx),
         "sparse_storage": _sparse_storage(comp.sparse_storage),
         "warnings": [str(w) for w in [*(comp.warnings or []), *((quantized or {}).get("warnings") or [])]],
@@ -431,6 +434,7 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
         f"max_rel {_g(par.get('max_rel'))}{tol}; dense: max_abs {_g(par_d.get('max_abs'))}, "
         f"max_rel {_g(par_d.get('max_rel'))}"
     )
+    lines += _parity_output_lines(par, par_d)
     agreement = report.get("agreement")
     if isinstance(agreement, Mapping) and agreement:
         lines.append("- Agreement (dense vs compressed): " + ", ".join(f"{k} {_g(v)}" for k, v in agreement.items()))
@@ -517,6 +521,35 @@ def _require(data: Mapping[str, Any], key: str, file_name: str, folder: Path, *,
         hint = STAGE_HINTS[file_name].format(run_dir=folder).replace(" first", " again")
         raise UserInputError(f"{file_name} in {str(folder)!r} lacks key {prefix + key!r}; {hint}")
     return data[key]
+
+
+def _parity_outputs(side: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"passed", "outputs": {name: {"max_abs", "max_rel", "passed"}}}`` of a parity.json side ({} if not recorded)."""
+    outputs = side.get("outputs")
+    if not isinstance(outputs, Mapping):
+        return {}
+    per = {
+        str(n): {k: r.get(k) for k in ("max_abs", "max_rel", "passed")}
+        for n, r in outputs.items()
+        if isinstance(r, Mapping)
+    }
+    return {"passed": side.get("passed"), "outputs": per}
+
+
+def _parity_output_lines(par: Mapping[str, Any], par_d: Mapping[str, Any]) -> list[str]:
+    """One indented line per named output (models with several outputs, or one not called ``output``)."""
+    outputs, dense = par.get("outputs") or {}, par_d.get("outputs") or {}
+    if not outputs or list(outputs) == ["output"]:
+        return []
+    lines = []
+    for name, r in outputs.items():
+        verdict = {True: "pass", False: "FAIL"}.get(r.get("passed"), "n/a")
+        d = dense.get(name) or {}
+        lines.append(
+            f"  - output `{name}`: {verdict}, max_abs {_g(r.get('max_abs'))}, max_rel {_g(r.get('max_rel'))}; "
+            f"dense: max_abs {_g(d.get('max_abs'))}, max_rel {_g(d.get('max_rel'))}"
+        )
+    return lines
 
 
 def _onnx_bytes(path: Path, parity_side: Mapping[str, Any]) -> int | None:

@@ -75,6 +75,13 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
         default=1,
         help="SPEEDUP/LATENCY_MS: ONNX Runtime CPU threads the latency is predicted and measured with (default 1)",
     )
+    g.add_argument(
+        "--latency-precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="SPEEDUP/LATENCY_MS: time blocks and models in fp32 (default) or quantized to int8 as `export quantize` "
+        "does (make export PRECISION=int8); the speedup is then over the dense model in the same precision",
+    )
     g.add_argument("--no-ratio", action="store_true", help="no target: use the method's own knob (EVBMF's ω, …)")
     added: set[str] = set()
     for method in sorted(methods.values(), key=lambda m: (len(m.options) == 0, m.name)):

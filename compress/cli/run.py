@@ -153,7 +153,7 @@ def run(args: argparse.Namespace, plan_path: str | None = None) -> int:
         from compress.latency import LatencyModel
         from compress.latency.solve import compress_to_latency_
 
-        latency = LatencyModel(threads=args.latency_threads, batch=args.batch)
+        latency = LatencyModel(threads=args.latency_threads, batch=args.batch, precision=args.latency_precision)
         kwargs = {"data": data, "model_name": loaded.name, "latency": latency}
         plan = compress_to_latency_(method, dense, compressed, config, latency_target, example, **kwargs)
         t_plan, t_apply = time.perf_counter() - t0, 0.0
@@ -186,6 +186,8 @@ def run(args: argparse.Namespace, plan_path: str | None = None) -> int:
         "weights_warning": loaded.warning,
         "input_shape": [args.batch, *loaded.input_shape],
         "num_classes": loaded.num_classes,
+        "task": loaded.task,
+        "output_names": list(loaded.output_names),
         "config": plan.config,
         "dense": {"params": dense_params, "macs": dense_macs},
         "compressed": {"params": comp_params, "macs": comp_macs},

@@ -2,6 +2,7 @@
 
 * :mod:`~compress.latency.table` — the JSON lookup table on disk (backend, device, threads, precision, geometry);
 * :mod:`~compress.latency.ort_timing` — blocks and models timed on ONNX Runtime CPU (imported lazily);
+* :mod:`~compress.latency.int8` — a block's ONNX quantized like ``export quantize`` for int8 timing;
 * :mod:`~compress.latency.model` — :class:`LatencyModel`: block times, dense profile, prediction;
 * :mod:`~compress.latency.knapsack` — the multiple-choice knapsack ``METHOD=auto`` solves;
 * :mod:`~compress.latency.solve` — ``SPEEDUP=`` / ``LATENCY_MS=`` for every method.

@@ -15,8 +15,9 @@ pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[2]
 TINY = f"{ROOT / 'tests' / 'compress' / 'models.py'}:tiny_resnet"
 # The profiler's node kernels cover the whole run but the executor's own overhead: on this 2-core machine
-# Σ nodes / model_run was 0.98-0.99 for the tiny ResNet (10 runs, 1 thread); we ask for [0.8, 1].
-NODES_OVER_TOTAL = (0.8, 1.0 + 1e-9)
+# Σ nodes / model_run was 0.98-0.99 for the tiny ResNet when quiet (10 runs, 1 thread), and 0.79 once with
+# other test processes on both cores (preemption between kernels counts as executor time); we ask [0.6, 1].
+NODES_OVER_TOTAL = (0.6, 1.0 + 1e-9)
 
 
 @pytest.fixture(scope="module")
