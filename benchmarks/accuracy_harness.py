@@ -100,22 +100,24 @@ def dense_baseline(
     train_samples: int | None,
     cache_root: Path,
     label: str = "",
+    eval_samples: int | None = None,
 ) -> DenseBaseline:
     """Load ``model_name`` with random init, train it (cached in ``cache_root``), evaluate it on the test split.
 
     The cache folder is ``<cache_root>/<model>/train-<data>-n<train images>-e<epochs>-s<seed>``, so every
-    script asking for the same dense training reuses it.
+    script asking for the same dense training reuses it. ``eval_samples`` evaluates on a fixed seeded subset
+    of the test split (per epoch and at the end) instead of all of it.
     """
     from compress.workflow import prepare
 
     prepared = prepare(model_name, "random", data_name, seed=seed, train_samples=train_samples)
     dense, data = prepared.loaded.model, prepared.data
-    train_config = TrainConfig(epochs=epochs, seed=seed)
+    train_config = TrainConfig(epochs=epochs, seed=seed, eval_samples=eval_samples)
     cache = cache_root / prepared.loaded.name / f"train-{data.info.name}-n{len(data.train)}-e{epochs}-s{seed}"
     meta = {"model_spec": prepared.loaded.spec, "data": data.info.name, "weights": "random-init"}
     print(f"{label}dense training ({epochs} epochs on {len(data.train)} images, cached in {cache}) …", file=sys.stderr)
     training = trained_dense(dense, data, train_config, cache, meta=meta)
-    accuracy = evaluate(dense, data.test)
+    accuracy = evaluate(dense, data.test, max_samples=eval_samples)
     print(f"{label}dense: {accuracy}", file=sys.stderr)
     return DenseBaseline(prepared, train_config, training, accuracy)
 

@@ -29,6 +29,7 @@ __all__ = [
     "SEGMENTATION_MODELS",
     "DetectionHeadOutputs",
     "SegmentationOutputs",
+    "check_data_supported",
     "default_input_size",
     "task_of",
     "wrap_task_model",
@@ -63,6 +64,22 @@ def task_of(name: str) -> str | None:
     if name in DETECTION_MODELS:
         return "detection"
     return None
+
+
+def check_data_supported(spec: str, data: str) -> None:
+    """Refuse ``DATA=`` for a segmentation or detection model: the datasets hold image labels, no masks or boxes.
+
+    Raises:
+        UserInputError: naming the model's task (one line), before anything is loaded or written.
+    """
+    task = task_of(spec)
+    if task is not None:
+        from lowrank_deploy.errors import UserInputError
+
+        raise UserInputError(
+            f"DATA={data} trains, calibrates and evaluates classifiers from image labels; {spec} is a {task} model "
+            "(no masks or boxes in the data): run it without DATA (the report shows output agreement and parity)"
+        )
 
 
 class SegmentationOutputs(nn.Module):

@@ -269,6 +269,9 @@ def plan_export(values: dict[str, str | None]) -> tuple[Path, list[Stage]]:
         _no_controls(data, "DATA")
         if data != "fashion-mnist" and not Path(data).is_dir():
             raise UserInputError(f"DATA {data!r} is not fashion-mnist or an existing folder")
+        from compress.task_models import check_data_supported
+
+        check_data_supported(model, data)
     train_epochs = check_count(values["train_epochs"], "TRAIN_EPOCHS", low=0, high=100_000)
     finetune_epochs = check_count(values["finetune_epochs"], "FINETUNE_EPOCHS", low=0, high=100_000)
     if values["eval_samples"] is not None:

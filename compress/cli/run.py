@@ -18,8 +18,10 @@ def prepare_data(
     args: argparse.Namespace, spec: str | None = None, weights: str | None = None, image_size: int | None = None
 ) -> Any:
     """``compress.workflow.prepare`` with the data options of ``args`` (model/weights/size overridable)."""
+    from compress.task_models import check_data_supported
     from compress.workflow import prepare
 
+    check_data_supported(spec or args.model, args.data)
     return prepare(
         spec or args.model,
         weights or args.weights,

@@ -8,9 +8,14 @@ minimising the total error within the budget (:func:`compress.latency.knapsack.s
 
 * cost: predicted ms of the block timed in isolation (``SPEEDUP`` / ``LATENCY_MS``, from
   :mod:`compress.latency`), parameters (``RATIO``) or MACs (``FLOPS``);
-* error proxy: weight-space ``‖W − Ŵ‖²`` (the relative Frobenius error squared × ``‖W‖²``), exact for
-  each candidate from one SVD (channel SVD, Tai) or one full HOSVD core (Tucker-2, without HOOI) per layer.
-  Output reconstruction on calibration activations is not implemented; the plan records the proxy used.
+* error proxy: with calibration data (``DATA``), the layer's output reconstruction error
+  ``‖(W − Ŵ) X‖² = tr(E XXᵀ Eᵀ)`` on calibration activations, from each layer's input Gram matrix ``XXᵀ``
+  (im2col patches at sampled output positions of at most ``calibration_samples`` images, accumulated with
+  forward pre-hooks by :func:`compress.methods.lrsd.statistics.collect_stats`); without data the
+  weight-space ``‖W − Ŵ‖²`` (the relative Frobenius error squared × ``‖W‖²``), exact for each candidate
+  from one SVD (channel SVD, Tai) or one full HOSVD core (Tucker-2, without HOOI) per layer. ``Ŵ`` is the
+  data-free decomposition the applier builds either way; the plan records which proxy ranked the candidates
+  (``plan.target["error_proxy"]`` and each layer's ``info["error_proxy"]``: ``"output"`` or ``"weight"``).
 
 Every plan entry's ``action`` is a registered factorization, so the default per-layer applier builds it.
 """
@@ -28,17 +33,34 @@ from compress import decompose
 from compress.factorizations import Factorization, dense_macs, factorization
 from compress.latency.knapsack import Option as Choice
 from compress.latency.knapsack import solve_mckp
-from compress.methods.base import EXCLUDE, MIN_RANK, ROUND_TO, Method, Option, positive_int, register
+from compress.methods.base import (
+    CALIBRATION_SAMPLES,
+    EXCLUDE,
+    MIN_RANK,
+    ROUND_TO,
+    Batches,
+    Method,
+    Needs,
+    Option,
+    positive_int,
+    register,
+    take_samples,
+)
 from compress.metrics import count_params, trace_geometry
 from compress.plan import LayerPlan, Plan
 from compress.planning import FilterFn, common_skip_reason, find_stem, hw_list, keep_entry, layer_params, plan_totals
 from compress.targets import Target
 from lowrank_deploy.errors import CompressionError, UserInputError
 
-__all__ = ["AutoConfig", "AutoMethod", "candidate_errors", "plan_auto"]
+__all__ = ["AutoConfig", "AutoMethod", "approximation", "candidate_errors", "output_errors", "plan_auto"]
 
 KXK_FACTORIZATIONS = ("svd", "tai", "tucker2")
-ERROR_PROXY = "weight: ||W - W_hat||_F^2 (relative Frobenius error squared x ||W||^2), summed over layers"
+ERROR_PROXIES = {
+    "weight": "weight: ||W - W_hat||_F^2 (relative Frobenius error squared x ||W||^2), summed over layers",
+    "output": "output: ||(W - W_hat) X||_F^2 on calibration activations (from each layer's input Gram XX^T), "
+    "summed over layers",
+}
+POSITIONS_PER_IMAGE = 10  # output positions sampled per calibration image for a conv's Gram (0 = all)
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,7 @@ class AutoConfig:
         round_to: Ranks are multiples of this.
         min_rank: Smallest rank.
         max_levels: Rank levels per factorization and layer (geometrically spaced on the grid).
+        calibration_samples: Calibration images (at most) for the output error proxy when data is given.
         keep_stem: Leave the image-input conv dense.
         exclude: fnmatch patterns of layers to leave dense.
     """
@@ -68,6 +91,7 @@ class AutoConfig:
     round_to: int = 8
     min_rank: int = 8
     max_levels: int = 10
+    calibration_samples: int = 256
     keep_stem: bool = True
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
@@ -78,8 +102,8 @@ class AutoConfig:
         unknown = [f for f in self.factorizations if f not in KXK_FACTORIZATIONS]
         if unknown or not self.factorizations:
             raise UserInputError(f"auto chooses among {', '.join(KXK_FACTORIZATIONS)}; got {list(self.factorizations)}")
-        if self.round_to < 1 or self.min_rank < 1 or self.max_levels < 1:
-            raise UserInputError("round_to, min_rank and max_levels must be ≥ 1")
+        if self.round_to < 1 or self.min_rank < 1 or self.max_levels < 1 or self.calibration_samples < 1:
+            raise UserInputError("round_to, min_rank, max_levels and calibration_samples must be ≥ 1")
 
     @property
     def target(self) -> Target:
@@ -144,6 +168,71 @@ def candidate_errors(fact: Factorization, module: nn.Module, ranks_list: list[tu
     return [float(tail[min(r[0], len(tail) - 1)]) for r in ranks_list]
 
 
+def approximation(fact: Factorization, module: nn.Module, ranks: tuple[int, ...]) -> torch.Tensor:
+    """``Ŵ`` (float64, the layer's weight shape) of the data-free truncation the applier builds at ``ranks``."""
+    w = module.weight.detach().to(torch.float64).cpu()
+    if fact.name == "tucker2":
+        t, s = w.shape[:2]
+        u_t = _left_basis(w.reshape(t, -1))[:, : min(ranks[0], t)]
+        u_s = _left_basis(w.transpose(0, 1).reshape(s, -1))[:, : min(ranks[1], s)]
+        return torch.einsum("ab,bskl,sc->ackl", u_t @ u_t.T, w, u_s @ u_s.T)
+    matrix = decompose.unfold_spatial(w) if fact.name == "tai" else w.reshape(w.shape[0], -1)
+    r = ranks[0]
+    if matrix.shape[0] <= matrix.shape[1]:
+        basis = _left_basis(matrix)[:, :r]
+        approx = basis @ (basis.T @ matrix)
+    else:
+        basis = _left_basis(matrix.T)[:, :r]
+        approx = (matrix @ basis) @ basis.T
+    if fact.name == "tai":
+        return decompose.fold_spatial(approx, tuple(w.shape))
+    return approx.reshape(w.shape)
+
+
+def output_errors(
+    fact: Factorization, module: nn.Module, ranks_list: list[tuple[int, ...]], gram: torch.Tensor
+) -> list[float]:
+    """The output error ``‖(W − Ŵ) X‖² = tr(E XXᵀ Eᵀ)`` of ``fact`` at each ranks tuple, from the input Gram ``XXᵀ``.
+
+    ``gram`` is the ``k × k`` second moment of the layer's inputs in im2col order (``c·kh·kw + i·kw + j``; the
+    input features for a Linear layer), as :func:`compress.methods.lrsd.statistics.collect_stats` accumulates it.
+    """
+    w = module.weight.detach().to(torch.float64).cpu()
+    g = gram.to(device="cpu", dtype=torch.float64)
+    matrix = w.reshape(w.shape[0], -1)
+    if fact.name not in ("tai", "tucker2"):  # channel SVD: Ŵ = U_r U_rᵀ W, so the error is a tail sum
+        basis = _left_basis(matrix) if matrix.shape[0] <= matrix.shape[1] else _eig_basis(matrix @ matrix.T)
+        rotated = basis.T @ matrix
+        per_vector = ((rotated @ g) * rotated).sum(dim=1)  # u_iᵀ W G Wᵀ u_i
+        tail = torch.cat([torch.flip(torch.cumsum(torch.flip(per_vector, [0]), 0), [0]), per_vector.new_zeros(1)])
+        return [max(float(tail[min(r[0], len(tail) - 1)]), 0.0) for r in ranks_list]
+    out = []
+    for ranks in ranks_list:
+        err = matrix - approximation(fact, module, ranks).reshape(matrix.shape)
+        out.append(max(float(((err @ g) * err).sum()), 0.0))
+    return out
+
+
+def _eig_basis(square: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of a symmetric PSD matrix in decreasing order of eigenvalue."""
+    _, vectors = torch.linalg.eigh(square)
+    return vectors.flip(1)
+
+
+def input_grams(
+    model: nn.Module, paths: list[str], data: Batches, samples: int, *, positions_per_image: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Each layer's input Gram ``XXᵀ`` (float64, im2col order) over the first ``samples`` images of ``data``."""
+    from compress.methods.lrsd.statistics import collect_stats
+
+    images, _ = take_samples(data, samples)
+    device = next(model.parameters()).device
+    batches = [images[i : i + 64].to(device) for i in range(0, int(images.shape[0]), 64)]
+    per_image = POSITIONS_PER_IMAGE if positions_per_image is None else positions_per_image
+    stats = collect_stats(model, paths, batches, positions_per_image=per_image, seed=0)
+    return {p: st.gram for p, st in stats.items()}
+
+
 def layer_candidates(module: nn.Module, config: AutoConfig) -> list[tuple[Factorization, tuple[int, ...]]]:
     """``(factorization, ranks)`` of every non-keep candidate of ``module`` that stores fewer parameters."""
     if isinstance(module, nn.Linear):
@@ -174,10 +263,11 @@ def plan_auto(
     config: AutoConfig,
     example_input: torch.Tensor,
     *,
+    data: Batches | None = None,
     model_name: str = "model",
     filter_fn: FilterFn | None = None,
 ) -> Plan:
-    """Plan ``METHOD=auto``; see the module doc."""
+    """Plan ``METHOD=auto``; see the module doc (``data``: calibration batches for the output error proxy)."""
     target = config.target
     geometry, order, total_macs = trace_geometry(model, example_input)
     stem = find_stem(model, order, int(example_input.shape[1]))
@@ -192,6 +282,7 @@ def plan_auto(
     entries: dict[str, LayerPlan] = {}
     groups: list[list[Choice]] = []
     layers: list[tuple[str, nn.Module, list[dict[str, Any]]]] = []
+    pending: list[list[tuple[Factorization, tuple[int, ...]]]] = []
     fixed_cost = 0.0
     for path, module in model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -215,26 +306,35 @@ def plan_auto(
         assert geom is not None
         rows = [{"action": "keep", "ranks": None, "params": layer_params(module), "macs": dense_macs(module, geom)}]
         rows[0].update(ms=dense_ms, error=0.0)
-        errors = {}
-        for fact in {f.name: f for f, _ in cands}.values():
-            ranks_list = [r for f, r in cands if f.name == fact.name]
-            errors.update(
-                zip(((fact.name, r) for r in ranks_list), candidate_errors(fact, module, ranks_list), strict=True)
-            )
         for fact, ranks in cands:
             row = {"action": fact.name, "ranks": list(ranks), "params": fact.params(module, ranks)}
             row["macs"] = fact.macs(module, ranks, geom)
             if latency is not None:
                 row["ms"] = latency.block_ms(fact.build(module, ranks), dense.inputs[path])
-            row["error"] = errors[(fact.name, ranks)]
             rows.append(row)
-        cost_key = {"ratio": "params", "flops": "macs"}.get(target.kind, "ms")
-        groups.append([Choice(cost=float(r[cost_key]), error=float(r["error"])) for r in rows])
         layers.append((path, module, rows))
+        pending.append(cands)
     if latency is not None:
         latency.save()
     if not layers:
         raise CompressionError(f"nothing to compress in {model_name}: every Conv2d/Linear is kept by rule")
+    proxy = "weight" if data is None else "output"
+    grams = {}
+    if data is not None:
+        grams = input_grams(model, [p for p, _, _ in layers], data, config.calibration_samples)
+    cost_key = {"ratio": "params", "flops": "macs"}.get(target.kind, "ms")
+    for (path, module, rows), cands in zip(layers, pending, strict=True):
+        errors: dict[tuple[str, tuple[int, ...]], float] = {}
+        for fact in {f.name: f for f, _ in cands}.values():
+            ranks_list = [r for f, r in cands if f.name == fact.name]
+            if proxy == "output":
+                values = output_errors(fact, module, ranks_list, grams[path])
+            else:
+                values = candidate_errors(fact, module, ranks_list)
+            errors.update(zip(((fact.name, r) for r in ranks_list), values, strict=True))
+        for row, (fact, ranks) in zip(rows[1:], cands, strict=True):
+            row["error"] = errors[(fact.name, ranks)]
+        groups.append([Choice(cost=float(r[cost_key]), error=float(r["error"])) for r in rows])
 
     cand_dense = sum(g[0].cost for g in groups)
     if target.kind == "ratio":  # what the candidates may cost: the goal minus everything else
@@ -254,7 +354,7 @@ def plan_auto(
         raise UserInputError(_unreachable(target, model_name, best_total, dense_total)) from None
 
     for (path, module, rows), j in zip(layers, solution.choice, strict=True):
-        info = {"candidates": rows, "chosen": j, "error_proxy": "weight"}
+        info = {"candidates": rows, "chosen": j, "error_proxy": proxy}
         row, geom = rows[j], geometry[path]
         if row["action"] == "keep":
             entry = keep_entry(path, module, geom, "auto: keeping it dense costs least error within the budget")
@@ -289,7 +389,8 @@ def plan_auto(
         "budget_unit": unit,
         "cost": solution.cost,
         "lambda": solution.lam,
-        "error_proxy": ERROR_PROXY,
+        "error_proxy": proxy,
+        "error_proxy_text": ERROR_PROXIES[proxy],
         "total_error": solution.error,
     }
     if latency is not None:
@@ -340,7 +441,8 @@ class AutoMethod(Method):
 
     name = "auto"
     config_type = AutoConfig
-    options = (ROUND_TO, MIN_RANK, MAX_LEVELS, FACTORIZATION_CHOICES, EXCLUDE)
+    needs = Needs.IMAGES
+    options = (ROUND_TO, MIN_RANK, MAX_LEVELS, FACTORIZATION_CHOICES, CALIBRATION_SAMPLES, EXCLUDE)
     summary = "per layer keep/svd/tai/tucker2 and ranks by a knapsack on measured latency, params or MACs"
     target_fields = ("ratio", "flops", "speedup", "latency_ms")
 
@@ -354,8 +456,8 @@ class AutoMethod(Method):
         model_name: str = "model",
         filter_fn: FilterFn | None = None,
     ) -> Plan:
-        """See :func:`plan_auto`."""
-        return plan_auto(model, config, example_input, model_name=model_name, filter_fn=filter_fn)
+        """See :func:`plan_auto` (with ``data``: the output error proxy on calibration activations)."""
+        return plan_auto(model, config, example_input, data=data, model_name=model_name, filter_fn=filter_fn)
 
 
 register(AutoMethod())

@@ -118,8 +118,51 @@ def test_auto_registry_compress_matches_plan_then_apply():
     x = torch.randn(2, 3, 32, 32)
     config = method.make_config(Target("ratio", 2.0), **OPTIONS)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    plan_a = method.compress_(a, config, x[:1], data=[(x, torch.zeros(2, dtype=torch.long))])
-    plan_b = method.plan(b, config, x[:1])
+    data = [(x, torch.zeros(2, dtype=torch.long))]
+    plan_a = method.compress_(a, config, x[:1], data=data)
+    plan_b = method.plan(b, config, x[:1], data=data)
     method.apply_(b, plan_b)
     assert [(e.action, e.ranks) for e in plan_a.layers] == [(e.action, e.ranks) for e in plan_b.layers]
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_auto_output_error_proxy_with_data_equals_a_direct_computation(monkeypatch):
+    """With data the proxy is ``‖(W − Ŵ) X‖²`` on the calibration inputs, Ŵ the chain the applier builds."""
+    import compress.methods.auto as auto
+    from compress.factorizations import factorization
+
+    monkeypatch.setattr(auto, "POSITIONS_PER_IMAGE", 0)  # every output position: the Gram is exact
+    method = get_method("auto")
+    torch.manual_seed(0)
+    model = TinyResNet(width=16).eval()
+    images = torch.randn(12, 3, 16, 16)
+    data = [(images[:5], torch.zeros(5, dtype=torch.long)), (images[5:], torch.zeros(7, dtype=torch.long))]
+    config = method.make_config(Target("ratio", 2.0), **OPTIONS, calibration_samples=10)
+    plan = method.plan(model, config, images[:1], data=data)
+    assert plan.target["error_proxy"] == "output"
+    assert method.plan(model, config, images[:1]).target["error_proxy"] == "weight"
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, p=p: inputs.setdefault(p, a[0]))
+        for p, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    with torch.no_grad():
+        model(images[:10])
+    for h in hooks:
+        h.remove()
+    checked = set()
+    for entry in plan.layers:
+        if "candidates" not in entry.info:
+            continue
+        assert entry.info["error_proxy"] == "output"
+        module = model.get_submodule(entry.path)
+        for row in entry.info["candidates"][1:]:
+            chain, _ = factorization(row["action"]).decompose(module, tuple(row["ranks"]))
+            x = inputs[entry.path].double()
+            with torch.no_grad():
+                direct = float((module.double()(x) - chain.double()(x)).pow(2).sum())
+            module.float()
+            assert row["error"] == pytest.approx(direct, rel=1e-6)
+            checked.add(row["action"])
+    assert {"svd", "tai", "tucker2", "linear-svd"} <= checked

@@ -9,6 +9,7 @@ networks: SSDlite's own initialisation gives outputs of order 1e-21, which would
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -200,3 +201,190 @@ def test_copy_of_wrapper_is_independent() -> None:
     loaded = load_model("lraspp_mobilenet_v3_large", "random")
     clone = copy.deepcopy(loaded.model)
     assert clone.output_names == loaded.model.output_names
+
+
+# jsvd / lrsd / cc on the new families -------------------------------------------------------------------
+
+
+def _randomize_bn_(model: nn.Module) -> nn.Module:
+    """BN scales in [0.5, 1.5): timm zero-initialises each block's last BN, which zeroes cc's conv gradients."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+    return model
+
+
+def _labelled_batches(shape: tuple[int, ...], n_batches: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Tiny calibration data: ``(images, labels)`` batches of 4, seeded (the shape a CalibrationLoader yields)."""
+    gen = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(4, *shape[1:], generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(n_batches)
+    ]
+
+
+JOINT_CASES = [
+    # (method, family, config options, with calibration data)
+    ("ljsvd", "ssdlite320_mobilenet_v3_large", {"ratio": RATIO}, False),
+    ("bijsvd", "ssdlite320_mobilenet_v3_large", {"ratio": RATIO}, False),
+    (
+        "lrsd",
+        "timm:test_resnet",
+        {"ratio": RATIO, "split": "fixed", "calibration_samples": 8, "iters": 5, "godec_iters": 5, "cg_iters": 10},
+        True,
+    ),
+    ("cc", "timm:test_resnet", {"flops": 0.3, "calibration_samples": 8}, True),
+]
+
+
+@pytest.mark.parametrize(("method_name", "family", "options", "with_data"), JOINT_CASES)
+def test_paper_methods_on_new_families(method_name: str, family: str, options: dict, with_data: bool) -> None:
+    """Plan + apply through the registry, the saved plan rebuilds the same network, ONNX parity on every output."""
+    pytest.importorskip("onnxruntime")
+    from export.onnx import onnx_from_torch
+    from export.parity import check_onnx_parity
+
+    dense, shape = _family(family)
+    if method_name == "cc":
+        _randomize_bn_(dense)
+    x = torch.randn(*shape)
+    data = _labelled_batches(shape) if with_data else None
+    method = get_method(method_name)
+    model = copy.deepcopy(dense)
+    plan = method.compress_(model, method.config_type(method=method_name, **options), x, data=data)
+    assert plan.factorized_layers
+    if with_data:  # the data-driven fit, not the weight-only fallback
+        assert not [w for w in plan.warnings if "no calibration data" in w]
+    if "ratio" in options:
+        assert plan.target["achieved_ratio"] == pytest.approx(options["ratio"], rel=0.05)
+    else:
+        assert plan.target["achieved_flops_reduction"] == pytest.approx(options["flops"], abs=0.02)
+    assert plan.totals["params_after"] < plan.totals["params_before"] == count_params(dense)
+    if method_name != "lrsd":  # LRSD's sparse branch runs as a dense conv with zeros (its values are counted)
+        assert count_params(model) < count_params(dense)
+
+    rebuilt = method.rebuild_(copy.deepcopy(dense), plan, data=data)  # `compress apply --plan`
+    assert count_params(rebuilt) == count_params(model)
+    for a, b in zip(_outputs(rebuilt.eval(), x), _outputs(model, x), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()) + 1e-7, rtol=1e-4)
+
+    proto = onnx_from_torch(model, x)
+    names = [o.name for o in proto.graph.output]
+    assert names == list(getattr(model, "output_names", ["output"]))
+    result = check_onnx_parity(model, proto, input_shape=shape, atol=1e-3, rtol=1e-3)
+    assert result.passed
+    assert result.rel_l2 < 1e-5
+    assert list(result.outputs or {}) == names
+    assert all(r["passed"] and r["rel_l2"] < 1e-5 for r in (result.outputs or {}).values())
+
+
+@pytest.mark.parametrize(
+    ("method_name", "family", "options", "reason"),
+    [
+        ("ljsvd", "timm:test_resnet", {"ratio": RATIO}, "no conv inside repeated blocks passes the rules"),
+        ("ljsvd", "lraspp_mobilenet_v3_large", {"ratio": RATIO}, r"RATIO=1.5 is out of reach for ljsvd .*achievable"),
+    ],
+)
+def test_joint_svd_refuses_families_without_repeated_blocks(
+    method_name: str, family: str, options: dict, reason: str
+) -> None:
+    from lowrank_deploy.errors import CompressionError
+
+    model, shape = _family(family)
+    method = get_method(method_name)
+    with pytest.raises(CompressionError, match=reason) as info:
+        method.compress_(model, method.config_type(method=method_name, **options), torch.randn(*shape))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("family", ["lraspp_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large"])
+def test_cc_with_labels_refuses_segmentation_and_detection_in_one_line(family: str) -> None:
+    """The cc method's gradient sensitivities need class logits; without data cc still runs (weight-only)."""
+    from lowrank_deploy.errors import UserInputError
+
+    model, shape = _family(family)
+    method = get_method("cc")
+    config = method.config_type(method="cc", flops=0.3, calibration_samples=8)
+    with pytest.raises(UserInputError, match=r"need a classifier's \(N, classes\) logits.*run cc without data") as info:
+        method.compress_(model, config, torch.randn(*shape), data=_labelled_batches(shape))
+    assert "\n" not in str(info.value)
+
+
+def test_data_is_refused_for_segmentation_and_detection_before_loading() -> None:
+    from compress.task_models import check_data_supported
+    from lowrank_deploy.errors import UserInputError
+
+    check_data_supported("resnet18", "fashion-mnist")
+    check_data_supported("timm:test_resnet", "fashion-mnist")
+    for name in ("lraspp_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large"):
+        with pytest.raises(UserInputError, match="no masks or boxes in the data"):
+            check_data_supported(name, "fashion-mnist")
+
+
+# Segmentation checkpoints with an auxiliary classifier ---------------------------------------------------
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_segmentation_checkpoint_with_aux_classifier_loads_with_its_head(tmp_path: Path, wrapped: bool) -> None:
+    """A state_dict saved from ``aux_loss=True`` builds the aux head: outputs ``out`` and ``aux``, both exact."""
+    import torchvision
+
+    torch.manual_seed(3)
+    reference = torchvision.models.get_model(
+        "deeplabv3_mobilenet_v3_large", weights=None, weights_backbone=None, aux_loss=True
+    ).eval()
+    state = SegmentationOutputs(reference).state_dict() if wrapped else reference.state_dict()
+    assert any(k.startswith(("aux_classifier.", "model.aux_classifier.")) for k in state)
+    path = tmp_path / "deeplab_aux.pth"
+    torch.save(state, path)
+    loaded = load_model("deeplabv3_mobilenet_v3_large", str(path), input_size=64)
+    assert loaded.output_names == ("out", "aux")
+    assert loaded.weights == str(path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(x)
+    out, aux = _outputs(loaded.model, x)
+    torch.testing.assert_close(out, expected["out"])
+    torch.testing.assert_close(aux, expected["aux"])
+    plain = load_model("deeplabv3_mobilenet_v3_large", "random", input_size=64)
+    assert plain.output_names == ("out",)
+
+
+def test_aux_classifier_weights_for_a_model_without_one_are_refused(tmp_path: Path) -> None:
+    from lowrank_deploy.errors import UserInputError
+
+    loaded = load_model("lraspp_mobilenet_v3_large", "random")
+    state = {**loaded.model.model.state_dict(), "aux_classifier.0.weight": torch.ones(2, 2, 1, 1)}
+    path = tmp_path / "lraspp_aux.pth"
+    torch.save(state, path)
+    with pytest.raises(UserInputError, match="has no auxiliary classifier"):
+        load_model("lraspp_mobilenet_v3_large", str(path))
+
+
+def test_run_directory_with_aux_head_reloads(tmp_path: Path) -> None:
+    """``compress run``, then load_run (what ``export onnx`` reads) rebuilds the aux head from the saved weights."""
+    import torchvision
+
+    from compress.artifacts import load_run
+    from compress.cli import main as compress_main
+
+    torch.manual_seed(4)
+    reference = torchvision.models.get_model(
+        "deeplabv3_mobilenet_v3_large", weights=None, weights_backbone=None, aux_loss=True
+    )
+    path = tmp_path / "deeplab_aux.pth"
+    torch.save(reference.state_dict(), path)
+    run_dir = tmp_path / "run"
+    argv = ["run", "--model", "deeplabv3_mobilenet_v3_large", "--method", "svd", "--ratio", "1.5"]
+    assert compress_main([*argv, "--weights", str(path), "--input-size", "64", "--run-dir", str(run_dir)]) == 0
+    info = json.loads((run_dir / "compress.json").read_text())
+    assert info["task"] == "segmentation"
+    assert info["output_names"] == ["out", "aux"]
+    run = load_run(run_dir)
+    assert run.dense.output_names == run.compressed.output_names == ("out", "aux")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.eval()(x)
+    torch.testing.assert_close(_outputs(run.dense, x)[1], expected["aux"])

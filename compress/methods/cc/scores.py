@@ -269,7 +269,14 @@ def gradient_statistics(
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                     raise UserInputError("cc calibration batches must be (images, labels) pairs; see gradient_batches")
                 x, y = batch[0].to(device), batch[1].to(device)
-                loss = F.cross_entropy(model(x), y)
+                logits = model(x)
+                if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                    got = f"a {logits.dim()}-D tensor" if isinstance(logits, torch.Tensor) else type(logits).__name__
+                    raise UserInputError(
+                        f"cc's data-driven sensitivities need a classifier's (N, classes) logits, but the model "
+                        f"returns {got} (segmentation/detection); run cc without data (weight-only sensitivities)"
+                    )
+                loss = F.cross_entropy(logits, y)
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)
                 for s, g in zip(sums, grads, strict=True):
                     if g is not None:
