@@ -313,7 +313,8 @@ def _compare_with_runner(
     result = dataclasses.replace(result, outputs={n: r.to_dict() for n, r in each.items()})
     if raise_on_failure and not result.passed:
         failing = ", ".join(n for n, r in each.items() if not r.passed)
-        raise ParityError(f"ONNX Runtime output differs from PyTorch ({failing}): {result}")
+        named = f" (outputs {failing})" if len(each) > 1 else ""
+        raise ParityError(f"ONNX Runtime output differs from PyTorch{named}: {result}")
     return result
 
 

@@ -388,3 +388,40 @@ def test_run_directory_with_aux_head_reloads(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = reference.eval()(x)
     torch.testing.assert_close(_outputs(run.dense, x)[1], expected["aux"])
+
+
+class _TwoHeads(nn.Module):
+    output_names = ("cls_logits", "bbox_regression")
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cls = nn.Conv2d(3, 4, 3, padding=1)
+        self.box = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cls(x), self.box(x)
+
+
+def test_parity_reports_every_named_output_and_names_the_failing_one() -> None:
+    pytest.importorskip("onnxruntime")
+    from export.onnx import onnx_from_torch
+    from export.parity import check_onnx_parity
+    from lowrank_deploy.errors import ParityError
+
+    model = _TwoHeads().eval()
+    shape = (1, 3, 8, 8)
+    proto = onnx_from_torch(model, torch.zeros(shape))
+    ok = check_onnx_parity(model, proto, input_shape=shape)
+    assert list(ok.outputs or {}) == ["cls_logits", "bbox_regression"]
+    assert ok.outputs["bbox_regression"]["shape"] == [2, 2, 8, 8]  # 2 batches
+    assert ok.to_dict()["outputs"]["cls_logits"]["passed"] is True
+    with torch.no_grad():
+        model.box.bias += 0.5  # only the box head now differs from the exported graph
+    bad = check_onnx_parity(model, proto, input_shape=shape, raise_on_failure=False)
+    assert not bad.passed
+    assert bad.outputs["cls_logits"]["passed"] is True
+    assert bad.outputs["bbox_regression"]["passed"] is False
+    assert bad.outputs["bbox_regression"]["max_abs"] == pytest.approx(0.5, rel=1e-4)
+    with pytest.raises(ParityError, match=r"differs from PyTorch \(outputs bbox_regression\): FAILED"):
+        check_onnx_parity(model, proto, input_shape=shape)

@@ -204,9 +204,9 @@ def _loader(size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 # Methods whose solvers take minutes on the 11M-parameter torchvision ResNet-18 on 2 cores (CP's ALS, LRSD's
-# per-layer solve, CC's sensitivity curves, Bi-JSVD's alternation, 50 HOOI sweeps): that pairing runs in
+# per-layer solve, CC's sensitivity curves, Bi-JSVD's alternation, 50 HOOI sweeps, auto's candidate errors): it runs in
 # `make test-all`; every method, a new one included, still runs on the two smaller models in `make test`.
-HEAVY_ON_RESNET18 = {"cp", "lrsd", "cc", "bijsvd", "vbmf-tucker2"}
+HEAVY_ON_RESNET18 = {"cp", "lrsd", "cc", "bijsvd", "vbmf-tucker2", "auto"}
 
 
 def _cases() -> list[object]:
