@@ -129,13 +129,20 @@ def compress_to_latency_(
         goal = dense_ms / target.value if target.kind == "speedup" else target.value
         aim, history, chosen = goal, [], None
         for round_ in range(1, rounds + 1):
-            if native:
-                scaled = Target(target.kind, dense_ms / aim if target.kind == "speedup" else aim)
-                outcome = _native(method, dense, scaled, options, example_input, data, model_name, latency, profile)
-            else:
-                outcome = _bisect(
-                    method, dense, target, aim, options, example_input, data, model_name, latency, profile
-                )
+            try:
+                if native:
+                    scaled = Target(target.kind, dense_ms / aim if target.kind == "speedup" else aim)
+                    outcome = _native(method, dense, scaled, options, example_input, data, model_name, latency, profile)
+                else:
+                    outcome = _bisect(
+                        method, dense, target, aim, options, example_input, data, model_name, latency, profile
+                    )
+            except UserInputError as exc:
+                if chosen is None:  # the target itself is out of reach
+                    raise
+                # the aim corrected by a measured miss is beyond the method: keep the closest measured round
+                history.append({"round": round_, "aim_ms": aim, "refused": str(exc)})
+                break
             dense_meas, comp_meas = latency.timer.measure(
                 [dense, outcome.model], latency.shape(example_input.shape), repeats=repeats
             )
@@ -151,9 +158,11 @@ def compress_to_latency_(
                     "goal_ms": goal_now,
                 }
             )
-            chosen = (outcome, dense_meas, comp_meas)
             if comp_meas <= goal_now:
+                chosen = (outcome, dense_meas, comp_meas)
                 break
+            if chosen is None or comp_meas / dense_meas < chosen[2] / chosen[1]:
+                chosen = (outcome, dense_meas, comp_meas)  # the closest miss so far
             aim = aim * goal_now / comp_meas  # aim lower by the observed miss
         assert chosen is not None
         outcome, dense_meas, comp_meas = chosen

@@ -215,3 +215,34 @@ def test_ort_timer_times_a_block_and_a_model(tmp_path):
     assert ms > 0
     assert total > 0
     assert "ort-" in latency.context
+
+
+class SlowCompressedTimer(FakeTimer):
+    """Measures every model but the first (dense) 100× slower than predicted: no correction can catch up."""
+
+    def measure(self, models: Sequence[nn.Module], input_shape: Sequence[int], *, repeats: int = 20) -> list[float]:
+        self.measured += 1
+        times = [1.25 * self.cost(m, input_shape) for m in models]
+        return [times[0], *(100.0 * t for t in times[1:])]
+
+
+def test_a_corrected_aim_out_of_reach_keeps_the_closest_measured_round(tmp_path):
+    timer = SlowCompressedTimer()
+    latency = LatencyModel(timer, LatencyTable(tmp_path / "lut.json"))
+    method = get_method("tucker2")
+    model = TinyResNet(width=64).eval()
+    compressed = TinyResNet(width=64).eval()
+    compressed.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    config = method.make_config(None, round_to=4, min_rank=4)
+    plan = compress_to_latency_(method, model, compressed, config, Target("speedup", 1.5), x, latency=latency)
+    record = plan.target["latency_target"]
+    measured_rounds = [r for r in record["rounds"] if "measured_ms" in r]
+    assert measured_rounds, "round 1 was measured"
+    assert "refused" in record["rounds"][-1]  # the corrected aim was beyond the method: no error, the closest kept
+    assert record["met"] is False
+    assert any("missed as measured" in w for w in plan.warnings)
+    best = min(measured_rounds, key=lambda r: r["measured_ms"] / r["dense_measured_ms"])
+    assert record["measured_ms"] == pytest.approx(best["measured_ms"])
+    assert record["achieved"] == pytest.approx(best["dense_measured_ms"] / best["measured_ms"])
+    assert compressed(x).shape == (1, 10)
