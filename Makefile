@@ -139,10 +139,11 @@ engine: $(STAMP)
 	$(PY) -m lowrank_deploy engine
 
 # The default suite: everything but slow accuracy runs. Timing-sensitive (serial) tests first, alone in one
-# process; then the rest on 2 xdist workers (this is a 2-core machine). Exit code 5 (none selected) passes.
+# process; then the rest on 2 xdist workers (this is a 2-core machine) with one BLAS/OpenMP thread each — two
+# workers of 2 threads each oversubscribe the cores and made the big SVDs ~10× slower. Exit code 5 passes.
 test: $(STAMP) data
 	$(PY) -m pytest -m "serial and not slow" -p no:cacheprovider || [ $$? -eq 5 ]
-	$(PY) -m pytest -m "not serial and not slow" -n 2 --dist loadfile -p no:cacheprovider || [ $$? -eq 5 ]
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not serial and not slow" -n 2 --dist loadfile -p no:cacheprovider || [ $$? -eq 5 ]
 
 test-all: $(STAMP) data
 	$(PY) -m pytest -p no:cacheprovider
