@@ -431,7 +431,7 @@ class ParityRecord(JsonRecord):
 
 @dataclass(kw_only=True)
 class LatencyRecord(JsonRecord):
-    """``latency.json`` (and ``python -m runtime onnx --json``): see :func:`runtime.report.latency_record`.
+    """``latency.json`` (and ``python -m runtime onnx --json``): see :func:`runtime.latency_record.latency_record`.
 
     ``results`` maps a runner key to ``{"n", "p50", "p90", "p99", "mean", "std", "min", "max",
     "throughput", "samples_ms"}`` (ms, items/s). ``gpu_compute`` (CUDA-event stats, trt/torch on a GPU),

@@ -32,8 +32,9 @@ from runtime.harness import (
     benchmark,
     speedup,
 )
+from runtime.latency_record import write_latency
 from runtime.ort_runner import OrtRunner
-from runtime.report import write_latency, write_report
+from runtime.report import write_report
 from runtime.torch_runner import TorchRunner
 
 __all__ = [

@@ -197,7 +197,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from runtime.base import runner_class
     from runtime.env import capture_environment
     from runtime.harness import benchmark
-    from runtime.report import latency_markdown, write_latency
+    from runtime.latency_record import latency_markdown, write_latency
 
     cls = runner_class(args.backend)  # unknown name → one-line error listing the known backends
     run_dir: Path = args.run_dir
@@ -271,7 +271,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
     from runtime.base import runner_class
     from runtime.env import capture_environment
     from runtime.harness import benchmark
-    from runtime.report import latency_markdown, latency_record
+    from runtime.latency_record import latency_markdown, latency_record
 
     shapes = _parse_shapes(args.shape)
     names = _unique_names(args.models)

@@ -9,7 +9,8 @@ import pytest
 
 from lowrank_deploy.errors import UserInputError
 from runtime.harness import BenchmarkConfig, benchmark
-from runtime.report import latency_record, plot_latency, write_latency, write_report
+from runtime.latency_record import latency_record, plot_latency, write_latency
+from runtime.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAT_KEYS = {"n", "p50", "p90", "p99", "mean", "std", "min", "max", "throughput"}
