@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from compress.methods.cc.modules import DECOMP, PRUNE, ChannelSelect
-from compress.methods.cc.scores import one_thread
 from compress.plan import KEEP, LayerPlan, Plan
-from compress.planning import planned_module, set_submodule
+from compress.planning import one_thread, planned_module, set_submodule
 from lowrank_deploy.errors import CompressionError
 
 __all__ = ["apply_cc_"]

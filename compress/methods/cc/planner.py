@@ -16,7 +16,7 @@ from compress.methods.cc.allocation import LayerDecision, Trajectory, allocate_r
 from compress.methods.cc.config import MAX_RATE, METHOD, THINNING_CONVENTION, WEIGHT_ONLY_WARNING, CollaborativeConfig
 from compress.methods.cc.modules import DECOMP, PRUNE, ConvShape
 from compress.methods.cc.routes import Route, input_routes
-from compress.methods.cc.scores import gradient_statistics, one_thread
+from compress.methods.cc.scores import gradient_statistics
 from compress.methods.cc.sensitivity import fit_exponential, sensitivity_curve
 from compress.metrics import count_params, trace_geometry
 from compress.plan import KEEP, LayerPlan, Plan
@@ -28,6 +28,7 @@ from compress.planning import (
     keep_entry,
     layer_params,
     layer_progress,
+    one_thread,
 )
 from lowrank_deploy.errors import CompressionError
 

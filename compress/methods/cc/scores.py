@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +18,6 @@ __all__ = [
     "channel_sum",
     "gradient_batches",
     "gradient_statistics",
-    "one_thread",
     "spectral_terms",
     "spectrum",
     "unfold",
@@ -31,22 +29,6 @@ GRADIENT_BATCH_SIZE = 128
 
 
 # ================================================================================================ linear algebra
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the per-layer linear algebra on one thread, restoring the setting afterwards.
-
-    Planning is thousands of small float64 eigen-decompositions and products; on a shared 2-core machine
-    idle OpenMP workers spinning on busy cores made planning a CIFAR ResNet-56 100× slower (293 s against
-    2.8 s single-threaded), and even on an idle machine the small ops do not gain from a second thread.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def unfold(weight: torch.Tensor) -> torch.Tensor:
     """``O × I·kh·kw`` unfolding of a conv weight, float64 on the CPU."""
     return weight.detach().reshape(weight.shape[0], -1).to(device="cpu", dtype=torch.float64)

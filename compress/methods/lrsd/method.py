@@ -9,6 +9,7 @@ import torch
 from compress.methods.base import CALIBRATION_SAMPLES, EXCLUDE, Batches, Method, Needs, Option, rebatch, take_samples
 from compress.methods.lrsd.apply import apply_lrsd, lrsd_compress_
 from compress.methods.lrsd.planner import METHOD, LowRankSparseConfig, plan_lrsd
+from compress.planning import one_thread
 from compress.targets import Target
 
 if TYPE_CHECKING:
@@ -96,9 +97,8 @@ class LowRankSparseMethod(Method):
     ) -> Plan:
         """Plan, calibrate on ``data``'s first ``calibration_samples`` images, solve and apply in place."""
         batches = calibration_images(data, config.calibration_samples)
-        return _one_thread(
-            lrsd_compress_, model, config, example_input, batches, model_name=model_name, filter_fn=filter_fn
-        )
+        with one_thread():  # thousands of small float64 solves: one thread is fastest
+            return lrsd_compress_(model, config, example_input, batches, model_name=model_name, filter_fn=filter_fn)
 
     def rebuild_(self, model: nn.Module, plan: Plan, *, data: Batches | None = None) -> nn.Module:
         """Re-solve a saved plan on a fresh dense model (its ranks kept unless its config searches the split)."""
@@ -106,15 +106,6 @@ class LowRankSparseMethod(Method):
         batches = calibration_images(data, config.calibration_samples)
         weight = next(model.parameters())
         example = torch.zeros(plan.input_shape, dtype=weight.dtype, device=weight.device)
-        _one_thread(lrsd_compress_, model, config, example, batches, model_name=plan.model, plan=plan)
+        with one_thread():
+            lrsd_compress_(model, config, example, batches, model_name=plan.model, plan=plan)
         return model
-
-
-def _one_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` with ``torch.set_num_threads(1)``, the previous setting restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
