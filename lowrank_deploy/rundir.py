@@ -233,7 +233,10 @@ class RunDir:
         Raises:
             UserInputError: naming the file and the stage that writes it.
         """
-        full = self.path / path
+        given = Path(path)
+        # A path from the methods above already starts with self.path; joining it again would double a
+        # relative run directory (artifacts/m/x/artifacts/m/x/dense.onnx).
+        full = given if given.is_absolute() or given.parent == self.path else self.path / given
         if not full.is_file():
             hint = STAGE_HINTS.get(full.name, "run the stage that writes it first").format(run_dir=self.path)
             raise UserInputError(f"{full.name} is missing in {str(self.path)!r}; {hint}")
