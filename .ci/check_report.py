@@ -23,8 +23,9 @@ def check(path: Path) -> str:
     parity = report.get("parity") or {}
     if parity.get("passed") is False:
         raise SystemExit(f"ci: {path} records a failed parity check: {parity}")
-    low, high = ratios.get("speedup_ci95") or (None, None)
-    return f"ci: {path}: speedup p50 {speedup:.2f}x (95% CI {low:.2f}-{high:.2f}), params x{ratios.get('params', 0):.2f}"
+    interval = ratios.get("speedup_ci95") or []
+    ci = "-".join(f"{v:.2f}" for v in interval) or "n/a"
+    return f"ci: {path}: speedup p50 {speedup:.2f}x (95% CI {ci}), params x{ratios.get('params', 0):.2f}"
 
 
 if __name__ == "__main__":
