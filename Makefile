@@ -83,7 +83,7 @@ $(foreach v,$(_LRD_VARS),$(eval export LRD_$(v) = $$($(v))))
 # The data prerequisite: installs Fashion-MNIST with apt when DATA=fashion-mnist and it is missing.
 _DATA_DEP   := $(if $(filter fashion-mnist,$(DATA)),data,)
 
-.PHONY: help venv data export compare train finetune engine test test-all lint bench clean
+.PHONY: help venv data export compare train finetune engine test test-all lint bench docs clean
 
 help:
 	@echo "make export MODEL=resnet34 [METHOD=tucker2|svd|tai|cp|vbmf-tucker2|ljsvd|rjsvd1|rjsvd2|bijsvd|lrsd|cc]"
@@ -99,6 +99,7 @@ help:
 	@echo "make test   run the test suite (CPU; GPU/TensorRT/Jetson tests skip with a reason)"
 	@echo "make engine MODEL=... METHOD=... PRECISION=fp16|fp32|int8 [ENGINE_ARGS=...]  TensorRT engines (needs TensorRT + GPU)"
 	@echo "make lint   ruff check + format check, mypy on the TensorRT modules, hadolint on docker/"
+	@echo "make docs   build the documentation site into site/ (mkdocs --strict: warnings and broken links fail)"
 
 $(STAMP): pyproject.toml
 	@if [ ! -x "$(PY)" ]; then echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); fi
@@ -168,6 +169,17 @@ lint: $(STAMP) $(TYPESTUBS)/.installed $(TYPESTUBS_TRT11)/.installed
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only
+
+# The documentation site: the `docs` extra (MkDocs, Material, mkdocstrings) with its own stamp, then a strict
+# build into site/ — a warning, a broken internal link or anchor, or a missing docstring target fails it.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev,docs]'
+	@touch $@
+
+docs: $(DOCS_STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
 
 # OUT reaches rm as one argument (LRD_OUT from the environment): OUT="runs b" deletes exactly `runs b`.
 clean:
