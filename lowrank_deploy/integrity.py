@@ -40,6 +40,7 @@ __all__ = [
     "file_digests",
     "install_signal_handlers",
     "is_orphan",
+    "run_dir_file_names",
     "run_lock",
     "sha256_file",
     "stale_sparse_onnx",
@@ -271,18 +272,33 @@ def _release(folder: Path, fd: int) -> None:
 # Orphans ----------------------------------------------------------------------------------------------
 
 
-def is_orphan(name: str) -> bool:
-    """Whether ``name`` is a temporary file of :func:`lowrank_deploy.io.atomic_path` or the writable check.
+def run_dir_file_names() -> frozenset[str]:
+    """Every file name the stages write into a run directory.
 
-    ``atomic_path`` names them ``.<stem>.<random>.tmp<suffix>`` (``.model.k3j9x.tmp.onnx``);
-    ``ensure_writable_dir`` uses ``.write-test-<random>``.
+    :mod:`lowrank_deploy.rundir`'s constants, the engine sidecars and ``profile.json``/``profile.md``.
     """
-    if not name.startswith("."):
-        return False
-    if name.startswith(".write-test-"):
+    from lowrank_deploy import rundir
+
+    names = {v for k, v in vars(rundir).items() if k.isupper() and isinstance(v, str) and "." in v[1:]}
+    names.discard(rundir.ENGINE_SIDECAR_SUFFIX)
+    names |= {n + rundir.ENGINE_SIDECAR_SUFFIX for n in (rundir.DENSE_ENGINE, rundir.MODEL_ENGINE)}
+    return frozenset(names | {"profile.json", "profile.md"})
+
+
+def is_orphan(name: str) -> bool:
+    """Whether ``name`` is a temporary file this project's writers create in a run directory.
+
+    Exactly two forms, nothing looser: :func:`lowrank_deploy.io.atomic_path`'s
+    ``.<stem>.<8 random>.lrd-tmp<suffix>`` (or the ``.tmp<suffix>`` form of earlier versions) for one
+    of the run directory's own files (``.model.k3j9x_qa.lrd-tmp.onnx``), and ``ensure_writable_dir``'s
+    ``.write-test-<8 random>``. A user's ``.notes.2024.tmp.txt`` or ``.backup.v1.tmpl`` is neither.
+    """
+    from lowrank_deploy.io import is_write_test, temporary_target
+
+    if is_write_test(name):
         return True
-    head, sep, _ = name.rpartition(".tmp")
-    return bool(sep) and head.count(".") >= 2
+    target = temporary_target(name)
+    return target is not None and target in run_dir_file_names()
 
 
 def clean_orphans(folder: str | os.PathLike[str]) -> list[str]:

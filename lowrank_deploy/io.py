@@ -9,12 +9,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lowrank_deploy.errors import UserInputError
+
+TEMP_MARKER = ".lrd-tmp"
+"""What :func:`atomic_path` puts between the random part and the suffix: ``.model.<8 random>.lrd-tmp.onnx``."""
+WRITE_TEST_PREFIX = ".write-test-"
+_RANDOM = "[a-z0-9_]{8}"  # tempfile's random part: exactly 8 characters of this alphabet
+_TEMP_NAME = re.compile(rf"\.(?P<stem>.+)\.{_RANDOM}(?P<marker>\.lrd-tmp|\.tmp)(?P<suffix>\.[^.]+)?")
 
 
 def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
@@ -26,7 +33,7 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=WRITE_TEST_PREFIX):
             pass
     except OSError as exc:
         raise UserInputError(
@@ -39,12 +46,13 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
 
-    The temporary file keeps the destination's suffix, so writers that pick a format from the suffix
+    The temporary file is ``.<stem>.<8 random>.lrd-tmp<suffix>`` (:func:`temporary_target` recognises
+    exactly that form): it keeps the destination's suffix, so writers that pick a format from the suffix
     (safetensors, ONNX, PNG) still work. On error the temporary file is removed.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}")
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=f"{TEMP_MARKER}{dest.suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -57,6 +65,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def temporary_target(name: str) -> str | None:
+    """The file a temporary file of :func:`atomic_path` named ``name`` was to become, else ``None``.
+
+    Matches only the writer's exact form, ``.<stem>.<8 random>.lrd-tmp<suffix>``, and the form of earlier
+    versions, ``.<stem>.<8 random>.tmp<suffix>`` (``.notes.2024.tmp.txt`` is neither: ``2024`` is not
+    8 characters).
+    """
+    match = _TEMP_NAME.fullmatch(name)
+    if match is None:
+        return None
+    return match["stem"] + (match["suffix"] or "")
+
+
+def is_write_test(name: str) -> bool:
+    """Whether ``name`` is the probe file of :func:`ensure_writable_dir` (``.write-test-<8 random>``)."""
+    return re.fullmatch(rf"{re.escape(WRITE_TEST_PREFIX)}{_RANDOM}", name) is not None
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
