@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ __all__ = [
     "check_duration",
     "check_finite_module",
     "check_memory",
+    "check_path_length",
     "check_state_dict",
     "count_arg",
     "duration_arg",
@@ -85,6 +87,47 @@ def count_arg(name: str, *, low: int = 1, high: int = MAX_ITERS) -> Any:
 
     parse.__name__ = name
     return parse
+
+
+FILE_NAME_ROOM = 64
+"""Bytes kept free for the longest file name a stage writes in a folder (``.model.int8.trt.<8>.lrd-tmp.onnx``)."""
+
+
+def check_path_length(path: str | os.PathLike[str], name: str = "OUT") -> None:
+    """Refuse a folder whose names the file system cannot hold (``File name too long``), before anything is written.
+
+    Each component must fit the file system's ``NAME_MAX`` (255 bytes on Linux) and the whole absolute path,
+    plus room for the files written in it, its ``PATH_MAX`` (4096).
+
+    Raises:
+        UserInputError: naming the too-long component (shortened) and its length.
+    """
+    folder = os.path.abspath(os.fspath(path))
+    probe = folder
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    name_max, path_max = _pathconf(probe, "PC_NAME_MAX", 255), _pathconf(probe, "PC_PATH_MAX", 4096)
+    for part in folder.split(os.sep):
+        size = len(os.fsencode(part))
+        if size > name_max:
+            shown = part if len(part) <= 40 else f"{part[:20]}…{part[-12:]}"
+            raise UserInputError(
+                f"{name} has a folder name of {size} bytes ({shown!r}); the file system allows {name_max}: "
+                f"choose a shorter {name}"
+            )
+    size = len(os.fsencode(folder)) + 1 + FILE_NAME_ROOM
+    if size > path_max:
+        raise UserInputError(
+            f"{name} {os.fspath(path)[:40]!r}… makes paths of {size} bytes; the file system allows {path_max}: "
+            f"choose a shorter {name}"
+        )
+
+
+def _pathconf(path: str, key: str, default: int) -> int:
+    try:
+        return int(os.pathconf(path, key))
+    except (OSError, ValueError):
+        return default
 
 
 def check_memory(shape: Sequence[int], what: str, *, bytes_per_element: int = 4, factor: float = 8.0) -> int:

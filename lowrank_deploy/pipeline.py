@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank_deploy.checks import MAX_BATCH, check_count, check_duration, check_memory
+from lowrank_deploy.checks import MAX_BATCH, check_count, check_duration, check_memory, check_path_length
 from lowrank_deploy.cli import ArgumentParser
 from lowrank_deploy.errors import UserInputError
 from lowrank_deploy.integrity import run_lock
@@ -182,6 +182,7 @@ def check_out_writable(out: str) -> Path:
     _no_controls(out, "OUT")
     if not out:
         raise UserInputError("OUT must name a folder, got ''")
+    check_path_length(out, "OUT")
     path = Path(out)
     probe = path
     while not probe.exists():
@@ -228,6 +229,29 @@ def _parse_stage(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.N
     return parser.parse_args(argv)
 
 
+def _refuse_data_options(train_epochs: int, finetune_epochs: int, eval_samples: str | None) -> None:
+    """TRAIN_EPOCHS, FINETUNE_EPOCHS and EVAL_SAMPLES act on DATA: without it they are refused, not ignored."""
+    given = [f"{var}={n}" for var, n in (("TRAIN_EPOCHS", train_epochs), ("FINETUNE_EPOCHS", finetune_epochs)) if n]
+    given += [] if eval_samples is None else [f"EVAL_SAMPLES={eval_samples}"]
+    if given:
+        names = " and ".join(g.split("=")[0] for g in given)
+        raise UserInputError(
+            f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} DATA (training, fine-tuning and evaluation run on a dataset); "
+            f"give DATA=fashion-mnist or DATA=<folder>, or leave {names} out"
+        )
+
+
+def _check_int8_backend(precision: str, name: str, backend: type) -> None:
+    """PRECISION=int8 adds ONNX Runtime INT8 files that only the ``ort`` runner times: refuse another backend."""
+    from runtime.ort_runner import OrtRunner
+
+    if precision == "int8" and not issubclass(backend, OrtRunner):
+        raise UserInputError(
+            f"PRECISION=int8 is timed with BACKEND=ort (ONNX Runtime runs the INT8 files), not BACKEND={name}; "
+            "use BACKEND=ort, or PRECISION=fp32 with BACKEND=" + name + " (TensorRT INT8: make engine PRECISION=int8)"
+        )
+
+
 def plan_export(values: dict[str, str | None]) -> tuple[Path, list[Stage]]:
     """Validate every option of ``export`` and return the run directory and the four stages.
 
@@ -257,10 +281,11 @@ def plan_export(values: dict[str, str | None]) -> tuple[Path, list[Stage]]:
         check_count(values["threads"], "THREADS", high=4096)
     from runtime.base import runner_class
 
-    runner_class(values["backend"] or "")
+    backend = runner_class(values["backend"] or "")
     precision = values["precision"] or "fp32"
     if precision not in PRECISIONS:
         raise UserInputError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    _check_int8_backend(precision, values["backend"] or "", backend)
     weights = _no_controls(values["weights"] or "", "WEIGHTS")
     if weights not in ("auto", "imagenet", "random") and not Path(weights).is_file():
         raise UserInputError(f"WEIGHTS {weights!r} is not auto, imagenet, random or an existing file")
@@ -276,11 +301,14 @@ def plan_export(values: dict[str, str | None]) -> tuple[Path, list[Stage]]:
     finetune_epochs = check_count(values["finetune_epochs"], "FINETUNE_EPOCHS", low=0, high=100_000)
     if values["eval_samples"] is not None:
         check_count(values["eval_samples"], "EVAL_SAMPLES", high=10**9)
+    if data is None:
+        _refuse_data_options(train_epochs, finetune_epochs, values["eval_samples"])
     dynamic = values["dynamic_batch"] not in (None, "0", "no", "false")
     if values["dynamic_batch"] not in (None, "0", "1", "no", "yes", "false", "true"):
         raise UserInputError(f"DYNAMIC_BATCH must be 0 or 1, got {values['dynamic_batch']!r}")
     out = check_out_writable(values["out"] or "")
     run_dir = run_dir_of(str(out), model, method)
+    check_path_length(run_dir, "the run directory OUT/<model>/<method>")
 
     c_argv = ["run", "--model", model, "--method", method]
     for flag in ("--ratio", "--flops", "--speedup", "--latency-ms"):

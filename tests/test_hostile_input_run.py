@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_hostile_input import BASE, _call
+from test_hostile_input import BASE, _call, _export, assert_refused, snapshot
 
 from lowrank_deploy.io import atomic_path
 
@@ -69,3 +69,52 @@ def test_orphan_cleanup_removes_only_the_writers_temporary_files(
     assert code == 0, err
     assert sorted(p.name for p in copy_run.glob(".*")) == sorted(users)
     assert all((copy_run / n).read_text() == "the user's" for n in users)
+
+
+# Refused before any stage writes: a too-long OUT, options that need DATA, INT8 timed by a backend that cannot
+
+
+@pytest.mark.parametrize(
+    ("args", "offending"),
+    [
+        (["--finetune-epochs", "2"], "FINETUNE_EPOCHS=2 needs DATA"),
+        (["--train-epochs", "1"], "TRAIN_EPOCHS=1 needs DATA"),
+        (["--eval-samples", "5"], "EVAL_SAMPLES=5 needs DATA"),
+        (["--train-epochs", "1", "--finetune-epochs", "1"], "TRAIN_EPOCHS=1, FINETUNE_EPOCHS=1 need DATA"),
+        (["--precision", "int8", "--backend", "torch"], "PRECISION=int8 is timed with BACKEND=ort"),
+        (["--ratio", "3", "--precision", "int8", "--backend", "torch"], "not BACKEND=torch"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused_before_anything_is_written(
+    earlier: tuple[Path, Path], capsys: pytest.CaptureFixture[str], args: list[str], offending: str
+) -> None:
+    out, _ = earlier
+    before = snapshot(out)
+    code, err = _export(capsys, *BASE, *args, "--out", str(out))
+    assert_refused(code, err, offending, before, out)
+    assert "choose" in err or "give DATA=" in err or "use BACKEND=ort" in err  # the fix, in the same line
+
+
+def test_data_options_reach_the_compress_stage_with_data(tmp_path: Path) -> None:
+    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+
+    env = {"LRD_MODEL": "tests/compress/models.py:tiny_resnet", "LRD_OUT": str(tmp_path), "LRD_DATA": str(tmp_path)}
+    env |= {"LRD_FINETUNE_EPOCHS": "1", "LRD_EVAL_SAMPLES": "5", "LRD_RATIO": "2"}
+    _, stages = plan_export(_resolve(build_parser().parse_args(["export"]), env))
+    argv = stages[0].argv
+    assert argv[argv.index("--finetune-epochs") + 1] == "1"
+    assert argv[argv.index("--eval-samples") + 1] == "5"
+    assert list(tmp_path.iterdir()) == []  # validation writes nothing
+
+
+@pytest.mark.parametrize("where", ["out", "nested"])
+def test_an_out_too_long_for_the_file_system_is_one_line(
+    earlier: tuple[Path, Path], capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    out, _ = earlier
+    long_out = out / ("a" * 300) if where == "out" else out / "fine" / ("b" * 256) / "x"
+    before = snapshot(out)
+    code, err = _export(capsys, *BASE, "--out", str(long_out))
+    assert_refused(code, err, "choose a shorter OUT", before, out)
+    assert f"of {300 if where == 'out' else 256} bytes" in err
+    assert not (out / "fine").exists()
