@@ -17,6 +17,7 @@ from export_helpers import SmallCNN, randomize_bn_, seeded
 from onnx import numpy_helper
 
 from export import DEFAULT_ATOL, DEFAULT_RTOL, check_onnx_parity, compare_outputs, onnx_from_torch, optimize
+from export.parity import DEFAULT_SCALE_TOL
 from lowrank_deploy.errors import ParityError, UserInputError
 
 # absdiff = [0, .25, 0, .0625, .5], reldiff = [0, .125, 0, inf, .0625]; all exactly representable.
@@ -143,3 +144,158 @@ def test_check_onnx_parity_rejects_bad_arguments(small_case, tmp_path):
         check_onnx_parity(model, proto, input_shape=(2, 3, 16, 16), batches=0)
     with pytest.raises(UserInputError, match=r"does not match the ONNX input 'input' \[2, 3, 16, 16\]"):
         check_onnx_parity(model, proto, input_shape=(2, 3, 17, 16))
+
+
+# ------------------------------------------------------------------------------------------------
+# The output-scaled criterion (issue 22: deeplabv3_resnet101's dense export was refused)
+# ------------------------------------------------------------------------------------------------
+
+
+def _large_output_with_rounding() -> tuple[np.ndarray, np.ndarray, float]:
+    """A reference of RMS ~700 crossing zero, and a copy off by float32-sized rounding (<= 4e-6 of the RMS)."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(100_000) * 700.0
+    ref[:50] = np.linspace(-0.5, 0.5, 50)  # values near zero crossings, as a segmentation map has
+    noise = rng.uniform(-1.0, 1.0, ref.size)
+    scale = float(np.sqrt(np.mean(ref**2)))
+    return ref, ref + 4e-6 * scale * noise, scale
+
+
+def test_scaled_criterion_accepts_float32_rounding_of_a_large_output():
+    ref, act, scale = _large_output_with_rounding()
+    absdiff = np.abs(act - ref)
+    expected_elementwise = int(np.sum((absdiff > 1e-3) & (absdiff > 1e-3 * np.abs(ref))))
+    assert expected_elementwise > 0  # Polygraphy's rule refuses this correct output ...
+    result = compare_outputs(ref, act, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, scale_tol=DEFAULT_SCALE_TOL)
+    assert result.passed  # ... the scaled one does not: every difference is <= 4e-6 x RMS
+    assert not result.passed_elementwise
+    assert result.n_failed_elementwise == expected_elementwise
+    assert result.n_failed == 0
+    assert result.scale == pytest.approx(scale, rel=1e-12)
+    assert result.max_abs_scaled == pytest.approx(absdiff.max() / scale, rel=1e-12)
+    assert result.max_abs_scaled <= 4e-6
+    assert result.rel_l2 < 3e-6
+    assert result.required_scale_tol == pytest.approx(np.max(absdiff[absdiff > 1e-3 * np.abs(ref)]) / scale)
+    assert f"atol/rtol alone would fail {expected_elementwise} elements" in str(result)
+    data = result.to_dict()
+    assert data["n_failed_elementwise"] == expected_elementwise
+    assert data["passed_elementwise"] is False
+    assert data["scale_tol"] == DEFAULT_SCALE_TOL
+    assert json.loads(json.dumps(data)) == data
+
+
+@pytest.mark.parametrize(
+    ("perturb", "n_failed"),
+    [
+        (lambda a, s: np.concatenate([a[:10], a[10:11] + 0.01 * s, a[11:]]), 1),  # one element off by 1 % of scale
+        (lambda a, s: a * 1.001, None),  # a 0.1 % gain error, e.g. a mis-folded BatchNorm
+    ],
+)
+def test_scaled_criterion_still_fails_a_wrong_output(perturb, n_failed):
+    ref, act, scale = _large_output_with_rounding()
+    wrong = perturb(act, scale)
+    result = compare_outputs(ref, wrong, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, scale_tol=DEFAULT_SCALE_TOL)
+    assert not result.passed
+    assert result.max_abs_scaled > 10 * DEFAULT_SCALE_TOL
+    if n_failed is not None:
+        assert result.n_failed == n_failed
+    assert result.n_failed <= result.n_elements
+    assert f"scale_tol>={result.required_scale_tol:.3g}" in str(result)
+
+
+def test_scale_tol_zero_is_polygraphys_rule():
+    result = compare_outputs(REF, ACT, atol=0.25, rtol=0.0624, scale_tol=0.0)
+    assert (result.passed, result.n_failed, result.n_failed_elementwise) == (False, 1, 1)
+    # 8.0 -> 8.5 is .5 off an RMS of sqrt(85/5): passes once scale_tol covers .5 / sqrt(17)
+    assert result.required_scale_tol == pytest.approx(0.5 / math.sqrt(17), rel=1e-12)
+    assert compare_outputs(REF, ACT, atol=0.25, rtol=0.0624, scale_tol=0.5 / math.sqrt(17)).passed
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, gain: float, outputs: int = 1, small_gain: float = 1.0) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 3, padding=1))
+        self.gain, self.small_gain = gain, small_gain
+        if outputs > 1:
+            self.output_names = ("big", "small")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        y = self.body(x)
+        if getattr(self, "output_names", None):
+            return y * self.gain, y[:, :2] * self.small_gain
+        return y * self.gain
+
+
+def test_large_magnitude_export_passes_and_a_perturbed_one_fails():
+    model = seeded(lambda: _Scaled(gain=3000.0)).eval()
+    proto = optimize(onnx_from_torch(model, torch.zeros(1, 3, 16, 16)))
+    result = check_onnx_parity(model, proto, input_shape=(1, 3, 16, 16))
+    assert result.passed
+    assert result.scale > 100  # a large-scale output, as deeplabv3 with random weights gives
+    assert result.max_abs_scaled < 1e-5
+    assert result.outputs["output"]["scale"] == result.scale
+
+    broken = type(proto)()
+    broken.CopyFrom(proto)
+    weight = next(i for i in broken.graph.initializer if len(i.dims) == 4)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.001, weight.name))
+    bad = check_onnx_parity(model, broken, input_shape=(1, 3, 16, 16), raise_on_failure=False)
+    assert not bad.passed
+    assert bad.max_abs_scaled > 10 * DEFAULT_SCALE_TOL
+
+
+def test_each_named_output_is_judged_at_its_own_scale():
+    """A 1 % error in a small output fails even beside an output 1e4 times larger."""
+    model = seeded(lambda: _Scaled(gain=1e4, outputs=2)).eval()
+    same = optimize(onnx_from_torch(model, torch.zeros(1, 3, 16, 16)))
+    assert check_onnx_parity(model, same, input_shape=(1, 3, 16, 16)).passed
+    other = seeded(lambda: _Scaled(gain=1e4, outputs=2, small_gain=1.01)).eval()
+    proto = optimize(onnx_from_torch(other, torch.zeros(1, 3, 16, 16)))
+    result = check_onnx_parity(model, proto, input_shape=(1, 3, 16, 16), raise_on_failure=False)
+    assert not result.passed
+    assert result.outputs["big"]["passed"] is True
+    assert result.outputs["small"]["passed"] is False
+    assert result.outputs["big"]["scale"] > 1000 * result.outputs["small"]["scale"]
+    assert result.n_failed == result.outputs["small"]["n_failed"]
+    with pytest.raises(ParityError, match=r"\(outputs small\)"):
+        check_onnx_parity(model, proto, input_shape=(1, 3, 16, 16))
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite outputs are named as such
+# ------------------------------------------------------------------------------------------------
+
+
+def test_nan_outputs_are_counted_once_and_named():
+    model = torch.nn.Linear(4, 1000).eval()
+    with torch.no_grad():
+        model.weight[:, 0] = float("nan")
+    proto = onnx_from_torch(model, torch.zeros(1, 4))
+    result = check_onnx_parity(model, proto, input_shape=(1, 4), raise_on_failure=False)
+    assert not result.passed
+    assert (result.n_failed, result.n_elements, result.n_nonfinite) == (2000, 2000, 2000)  # not 4000/2000
+    assert result.nonfinite == {"reference": {"nan": 2000, "inf": 0}, "actual": {"nan": 2000, "inf": 0}}
+    text = str(result)
+    assert text.startswith("FAILED (2000/2000 elements): PyTorch output 'output' has 2000 NaN values (of 2000)")
+    assert "the PyTorch model itself computes non-finite values" in text
+    assert "running_var < 0" in text
+    assert "would pass" not in text  # no tolerance makes NaN pass
+    with pytest.raises(ParityError, match=r"PyTorch output 'output' has 2000 NaN values"):
+        check_onnx_parity(model, proto, input_shape=(1, 4))
+
+
+def test_nan_only_in_the_onnx_model_blames_the_export(small_case):
+    model, proto = small_case
+    broken = type(proto)()
+    broken.CopyFrom(proto)
+    bias = next(i for i in broken.graph.initializer if len(i.dims) == 1 and i.dims[0] == 5)  # the classifier's
+    values = numpy_helper.to_array(bias).copy()
+    values[1] = np.inf
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    result = check_onnx_parity(model, broken, input_shape=(2, 3, 16, 16), raise_on_failure=False)
+    assert not result.passed
+    assert result.nonfinite["reference"] == {"nan": 0, "inf": 0}
+    assert result.nonfinite["actual"]["inf"] == 4  # column 1 of 2 batches of 2
+    assert result.n_failed == 4
+    assert "ONNX Runtime output 'output' has 4 infinite values (of 20)" in str(result)
+    assert "the PyTorch values are all finite, so the ONNX Runtime model computes something else" in str(result)
