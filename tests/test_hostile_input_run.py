@@ -9,11 +9,14 @@ The helpers and the one real run of the chain (a tiny ResNet at 32 px, random we
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from test_hostile_input import BASE, _call, _export, assert_refused, snapshot
+from torch import nn
 
 from lowrank_deploy.io import atomic_path
 
@@ -118,3 +121,48 @@ def test_an_out_too_long_for_the_file_system_is_one_line(
     assert_refused(code, err, "choose a shorter OUT", before, out)
     assert f"of {300 if where == 'out' else 256} bytes" in err
     assert not (out / "fine").exists()
+
+
+# `compress plan` uses --latency-threads, --latency-precision and --batch as `compress run` does ---------------
+
+
+class CountingTimer:
+    """A fake timer: ms = parameters / 1e3 + 0.01 (never asserted as a time), with the threads and precision given."""
+
+    backend = "fake"
+
+    def __init__(self, threads: int, precision: str) -> None:
+        self.threads, self.precision, self.precision_tag = threads, precision, precision
+        self.calls = 0
+
+    def time_module(self, module: nn.Module, input_shape: Sequence[int]) -> float:
+        self.calls += 1
+        return sum(p.numel() for p in module.parameters()) / 1e3 + 0.01
+
+    def measure(self, models: Sequence[nn.Module], input_shape: Sequence[int], *, repeats: int = 20) -> list[float]:
+        return [1.25 * self.time_module(m, input_shape) for m in models]
+
+
+def test_compress_plan_uses_the_latency_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from compress.cli import main as compress_main
+    from compress.latency import LatencyModel, LatencyTable
+
+    seen: list[dict[str, object]] = []
+
+    def fake_model(**kw: object) -> LatencyModel:
+        seen.append(kw)
+        timer = CountingTimer(int(kw["threads"]), str(kw["precision"]))  # type: ignore[call-overload]
+        return LatencyModel(timer, LatencyTable(tmp_path / "lut.json"), **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("compress.latency.LatencyModel", fake_model)
+    plan_path = tmp_path / "plan.json"
+    argv = ["plan", "--model", "tests/compress/models.py:tiny_resnet", "--input-size", "32", "--method", "auto"]
+    argv += ["--speedup", "1.2", "--latency-threads", "3", "--latency-precision", "int8", "--batch", "2"]
+    code, err = _call(capsys, compress_main, [*argv, "--out", str(plan_path)])
+    assert code == 0, err
+    assert seen == [{"threads": 3, "batch": 2, "precision": "int8"}]
+    recorded = json.loads(plan_path.read_text())["target"]["latency_model"]
+    assert (recorded["threads"], recorded["precision"], recorded["batch"]) == (3, "int8", 2)
+    assert "|threads=3|int8|" in recorded["context"]

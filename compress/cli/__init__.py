@@ -18,10 +18,12 @@ method by name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from compress.cli.options import (
     add_data_args,
@@ -210,6 +212,17 @@ def _methods() -> int:
     return 0
 
 
+def _plan_latency(args: argparse.Namespace, target: Any) -> contextlib.AbstractContextManager[Any]:
+    """For a latency target, the latency model of ``--latency-threads``/``--latency-precision``/``--batch``, as `run`."""
+    if target is None or not target.is_latency:
+        return contextlib.nullcontext()
+    from compress.latency import LatencyModel, use_latency_model
+
+    return use_latency_model(
+        LatencyModel(threads=args.latency_threads, batch=args.batch, precision=args.latency_precision)
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -237,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if target is not None and target.is_latency and target.kind not in get_method(args.method).target_fields:
             raise UserInputError(f"{target.text()} is reached by measuring compressed models: use `{PROG} run`")
         loaded, example, _, _ = load(args)
-        plan = get_method(config.method).plan(loaded.model, config, example, model_name=loaded.name)
+        with _plan_latency(args, target):
+            plan = get_method(config.method).plan(loaded.model, config, example, model_name=loaded.name)
         plan.save(args.out)
         print(
             f"wrote {args.out}: {len(plan.factorized_layers)} layers factorized, ratio ×{plan.target['achieved_ratio']:.2f}"
