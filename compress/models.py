@@ -45,6 +45,7 @@ from lowrank_deploy.errors import UserInputError
 
 __all__ = [
     "LoadedModel",
+    "check_batchnorm_statistics",
     "has_aux_classifier",
     "input_channels",
     "list_models",
@@ -140,6 +141,9 @@ def load_model(
         torch.manual_seed(seed)
         if is_factory:
             model, name = _from_factory(spec), Path(spec.split(":", 1)[0]).stem + "." + spec.split(":", 1)[1]
+            # compress.json records the spec and later stages rebuild the model from it, maybe from another
+            # working directory: record the factory file as an absolute path.
+            recorded_spec = f"{os.path.abspath(spec.split(':', 1)[0])}:{spec.split(':', 1)[1]}"
             pretrained_ok = False
         else:
             _check_torchvision_name(spec)
@@ -172,7 +176,8 @@ def load_model(
                     _replace_stem_(model, spec, in_channels)
             if state is not None:
                 load_into(model, state, weights)
-                source = str(weights)
+                source = os.path.abspath(weights)  # the same file from any working directory
+    check_batchnorm_statistics(model, f"the model {spec!r} (weights {source})")  # a factory's own statistics too
     model.eval()
     size = input_size or _DEFAULT_SIZE.get(name) or default_input_size(name, model) or 224
     channels = input_channels(model)
@@ -183,7 +188,7 @@ def load_model(
         )
     return LoadedModel(
         model=model,
-        spec=spec,
+        spec=recorded_spec if is_factory else spec,
         name=name,
         weights=source,
         weights_requested=weights,
@@ -219,7 +224,7 @@ def _load_zoo(
         print(f"WARNING: {warning}", file=sys.stderr)
     elif weights != "random":
         load_into(model, load_state_dict_file(weights), weights)
-        source = str(weights)
+        source = os.path.abspath(weights)  # the same file from any working directory
     model.eval()
     size = input_size or _ZOO_DEFAULT_SIZE
     return LoadedModel(
@@ -441,6 +446,31 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | os
         )
     check_state_dict(state, own, str(source))  # NaN/inf, integer or all-zero weights refused; fp16 converted
     model.load_state_dict(state)
+    check_batchnorm_statistics(model, f"weights file {str(source)!r}")
+
+
+def check_batchnorm_statistics(model: nn.Module, source: str) -> None:
+    """Refuse a BatchNorm ``running_var`` below 0: no data gives one, and it turns the outputs into NaN.
+
+    ``sqrt(running_var + eps)`` of a negative variance is NaN in PyTorch and ONNX Runtime alike, so the
+    export would fail parity on NaN outputs with no hint of why; this names the tensor at load instead.
+    (NaN/infinite values are refused by :func:`lowrank_deploy.checks.check_state_dict` and
+    ``check_finite_module``.)
+
+    Raises:
+        UserInputError: one line naming the first offending tensor, its count of negative values and its minimum.
+    """
+    for name, module in model.named_modules():
+        var = getattr(module, "running_var", None)
+        if not isinstance(module, nn.modules.batchnorm._NormBase) or not isinstance(var, torch.Tensor):
+            continue
+        negative = var < 0
+        if bool(negative.any()):
+            raise UserInputError(
+                f"{source} holds an impossible BatchNorm statistic: {name}.running_var has "
+                f"{int(negative.sum())} of {var.numel()} values below 0 (min {float(var.min()):.3g}); a variance "
+                "cannot be negative, and it would make every output NaN; re-train or re-save the model"
+            )
 
 
 def input_channels(model: nn.Module) -> int:

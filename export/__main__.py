@@ -213,16 +213,15 @@ def _build_engines(args: argparse.Namespace) -> int:
         save_engine,
     )
 
-    require_tensorrt()  # one-line error naming the container before anything else
+    rd = RunDir(args.run_dir)
+    rd.require(rd.onnx(COMPRESSED))  # a wrong path is named as such, on any machine, before TensorRT is needed
+    require_tensorrt()  # one-line error naming the container before anything is built
     opt = args.opt_batch
     profile = BatchProfile(
         args.min_batch if args.min_batch is not None else min(opt, args.max_batch or opt),
         opt,
         args.max_batch if args.max_batch is not None else opt,
     )
-    rd = RunDir(args.run_dir)
-    if not rd.onnx(COMPRESSED).is_file():
-        raise UserInputError(f"{rd.onnx(COMPRESSED)} is missing; run `python -m export onnx --run-dir {rd.path}` first")
     models = [COMPRESSED]
     if not args.skip_dense and rd.onnx(DENSE).is_file():
         models.insert(0, DENSE)

@@ -228,15 +228,17 @@ class RunDir:
     report_md = property(lambda self: self.path / REPORT_MD, doc="report.md")
 
     def require(self, path: str | os.PathLike[str]) -> Path:
-        """Return ``path`` (a name in this directory, or a path from the methods above) if it is a file.
+        """Return ``path`` if it is a file: a bare name is looked up in this directory, anything else is a path.
+
+        A path (from the methods above, or given by the user) is used as it is, relative to the working
+        directory like every other path: joining it onto the run directory again would double a relative
+        run directory (``artifacts/m/x/artifacts/m/x/dense.onnx``).
 
         Raises:
             UserInputError: naming the file and the stage that writes it.
         """
         given = Path(path)
-        # A path from the methods above already starts with self.path; joining it again would double a
-        # relative run directory (artifacts/m/x/artifacts/m/x/dense.onnx).
-        full = given if given.is_absolute() or given.parent == self.path else self.path / given
+        full = self.path / given if len(given.parts) == 1 and not given.is_absolute() else given
         if not full.is_file():
             hint = STAGE_HINTS.get(full.name, "run the stage that writes it first").format(run_dir=self.path)
             raise UserInputError(f"{full.name} is missing in {str(self.path)!r}; {hint}")
