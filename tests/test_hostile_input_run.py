@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_hostile_input import BASE, _call, _export, assert_refused, snapshot
@@ -166,3 +168,146 @@ def test_compress_plan_uses_the_latency_flags(
     recorded = json.loads(plan_path.read_text())["target"]["latency_model"]
     assert (recorded["threads"], recorded["precision"], recorded["batch"]) == (3, "int8", 2)
     assert "|threads=3|int8|" in recorded["context"]
+
+
+# The latency lookup table: an entry is a measurement; an unusable cache costs one warning, never the run -------
+
+
+PLAN_ARGS = ["plan", "--model", "tests/compress/models.py:tiny_resnet", "--input-size", "32", "--method", "auto"]
+PLAN_ARGS += ["--speedup", "1.3", "--round-to", "2", "--min-rank", "2"]
+
+
+@pytest.fixture
+def fake_ort(monkeypatch: pytest.MonkeyPatch) -> list[CountingTimer]:
+    """``OrtTimer`` replaced by :class:`CountingTimer` (the default latency model, on the default table path)."""
+    made: list[CountingTimer] = []
+
+    def timer(threads: int = 1, *, precision: str = "fp32", **_: object) -> CountingTimer:
+        made.append(CountingTimer(threads, precision))
+        made[-1].backend = "ort-cpu"
+        return made[-1]
+
+    monkeypatch.setattr("compress.latency.ort_timing.OrtTimer", timer)
+    monkeypatch.setattr("compress.latency._defaults", {})
+    return made
+
+
+def _plan(capsys: pytest.CaptureFixture[str], out: Path) -> tuple[dict, list[str]]:
+    """``compress plan`` of METHOD=auto SPEEDUP=1.3: the plan and the stderr lines."""
+    from compress.cli import main as compress_main
+
+    code, err = _call(capsys, compress_main, [*PLAN_ARGS, "--out", str(out)])
+    assert code == 0, err
+    assert "Traceback" not in err
+    return json.loads(out.read_text()), [line for line in err.splitlines() if line.startswith("WARNING: latency")]
+
+
+def _poison(table: dict, how: str) -> dict:
+    for section in table["sections"].values():
+        for record in section.values():
+            if how == "missing":
+                del record["ms"]
+            else:
+                record["ms"] = {"negative": -1, "nan": float("nan"), "inf": float("inf"), "zero": 0}.get(how, how)
+    if how == "section-list":
+        table["sections"] = {k: list(v.values()) for k, v in table["sections"].items()}
+    if how == "record-list":
+        table["sections"] = {k: {key: [1.0] for key in v} for k, v in table["sections"].items()}
+    return table
+
+
+@pytest.mark.parametrize(
+    "how", ["negative", "nan", "inf", "zero", "fast", True, "missing", "section-list", "record-list"]
+)
+def test_latency_table_entries_that_are_not_measurements_are_dropped_and_retimed(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fake_ort: list[CountingTimer],
+    how: object,
+) -> None:
+    from compress.latency import default_table_path
+
+    monkeypatch.setenv("LOWRANK_DEPLOY_CACHE", str(tmp_path / "cache"))
+    clean, warnings = _plan(capsys, tmp_path / "clean.json")
+    assert warnings == []
+    (table_path,) = (tmp_path / "cache").iterdir()
+    assert table_path == default_table_path("ort-cpu")
+    timed = sum(t.calls for t in fake_ort)
+    good = json.loads(table_path.read_text())
+    entries = sum(len(s) for s in good["sections"].values())
+    assert timed == entries > 0
+
+    table_path.write_text(json.dumps(_poison(json.loads(table_path.read_text()), str(how) if how is not True else "t")))
+    if how is True:
+        table_path.write_text(table_path.read_text().replace('"t"', "true"))
+    fake_ort.clear()
+    again, warnings = _plan(capsys, tmp_path / "again.json")
+    assert len(warnings) == 1, warnings
+    assert f"{entries} entries are not measurements" in warnings[0]
+    assert sum(t.calls for t in fake_ort) == timed  # every poisoned entry re-timed
+    target = again["target"]
+    assert target["predicted_ms"] > 0
+    assert target["predicted_ms"] == pytest.approx(clean["target"]["predicted_ms"])  # not "predicted -22 ms"
+    assert [e["action"] for e in again["layers"]] == [e["action"] for e in clean["layers"]]
+    assert any(e["action"] != "keep" for e in again["layers"])  # something was compressed
+    assert json.loads(table_path.read_text()) == good  # the poisoned file was replaced by measurements
+
+    fake_ort.clear()
+    _, warnings = _plan(capsys, tmp_path / "third.json")  # the poison does not outlive one run
+    assert warnings == []
+    assert sum(t.calls for t in fake_ort) == 0
+
+
+@pytest.mark.parametrize("where", ["table-is-a-folder", "cache-is-a-file", "read-only"])
+def test_an_unusable_latency_cache_is_one_warning_and_the_run_goes_on(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fake_ort: list[CountingTimer],
+    where: str,
+) -> None:
+    import lowrank_deploy.io
+    from compress.latency import default_table_path
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LOWRANK_DEPLOY_CACHE", str(cache))
+    if where == "table-is-a-folder":
+        default_table_path("ort-cpu").mkdir(parents=True)
+    elif where == "cache-is-a-file":
+        cache.write_text("not a folder")
+    else:  # as a read-only folder does to a non-root user (root writes anyway): the temporary file is refused
+        cache.mkdir()
+
+        real = tempfile.mkstemp
+
+        def refuse(*args: Any, **kwargs: Any) -> tuple[int, str]:
+            if Path(kwargs["dir"]) == cache:
+                raise PermissionError(13, "Permission denied")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(lowrank_deploy.io.tempfile, "mkstemp", refuse)
+    before = snapshot(tmp_path)
+    plan, warnings = _plan(capsys, tmp_path / "plan.json")
+    assert len(warnings) == 1, warnings
+    assert "kept in memory only" in warnings[0]
+    assert "OUT" not in warnings[0]
+    assert plan["target"]["predicted_ms"] > 0
+    assert plan["target"]["latency_model"]["table"]["path"] is None
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k != "plan.json"} == before  # the cache was left as it was
+
+
+def test_latency_cache_folder_honours_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from compress.latency.table import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LOWRANK_DEPLOY_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "lowrank-deploy"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert cache_dir() == tmp_path / "home" / ".cache" / "lowrank-deploy"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "lowrank-deploy"
+    monkeypatch.setenv("LOWRANK_DEPLOY_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
