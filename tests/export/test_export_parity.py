@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torchvision
 from export_helpers import SmallCNN, randomize_bn_, seeded
 from onnx import numpy_helper
 
@@ -299,3 +300,41 @@ def test_nan_only_in_the_onnx_model_blames_the_export(small_case):
     assert result.n_failed == 4
     assert "ONNX Runtime output 'output' has 4 infinite values (of 20)" in str(result)
     assert "the PyTorch values are all finite, so the ONNX Runtime model computes something else" in str(result)
+
+
+def test_negative_batchnorm_variance_gives_nan_outputs_and_is_named_at_load(tmp_path):
+    """The statistic that explains NaN outputs is refused when the weights are loaded, naming the tensor."""
+    from compress.models import load_model
+
+    model = randomize_bn_(seeded(SmallCNN)).eval()
+    with torch.no_grad():
+        model.block[1].running_var[2] = -0.5  # impossible: a variance
+    proto = onnx_from_torch(model, torch.zeros(2, 3, 16, 16))
+    result = check_onnx_parity(model, proto, input_shape=(2, 3, 16, 16), raise_on_failure=False)
+    assert not result.passed  # sqrt(-0.5 + eps) is NaN on both sides, and it spreads to every logit
+    assert result.nonfinite["reference"]["nan"] == result.n_elements == result.n_failed == 20
+
+    factory = tmp_path / "bad_bn.py"
+    factory.write_text(
+        "import torch\nfrom torch import nn\n\n\ndef build():\n"
+        "    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+        "    with torch.no_grad():\n        model[1].running_var[1:3] = -0.25\n    return model\n"
+    )
+    with pytest.raises(
+        UserInputError,
+        match=r"^the model '.*bad_bn\.py:build' \(weights random\) holds an impossible "
+        r"BatchNorm statistic: 1\.running_var has 2 of 4 values below 0 \(min -0\.25\)",
+    ):
+        load_model(f"{factory}:build", "random")
+
+    weights = tmp_path / "resnet18.pt"
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["layer2.0.bn1.running_var"][0] = -1.0
+    torch.save(state, weights)
+    with pytest.raises(
+        UserInputError,
+        match=r"weights file '.*resnet18\.pt' holds an impossible BatchNorm "
+        r"statistic: layer2\.0\.bn1\.running_var has 1 of 128 values below 0 \(min -1\)",
+    ):
+        load_model("resnet18", str(weights))
+    assert load_model("resnet18", "random").model is not None  # torchvision's own statistics pass
