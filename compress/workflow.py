@@ -123,8 +123,13 @@ def evaluate_model(model: nn.Module, data: Dataset, config: TrainConfig, device:
 
 
 def _settings(config: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a checkpoint folder to be reused (everything but the epoch count)."""
-    return {"config": {k: v for k, v in config.to_dict().items() if k not in ("epochs",)}, "meta": meta}
+    """What must match for a checkpoint folder to be reused (everything but the epoch count).
+
+    ``meta["run_dir"]`` (fine-tuning) is left out: the checkpoint lives inside that run directory, which may
+    be named relative to another working directory, or absolute, on resume.
+    """
+    config_dict = {k: v for k, v in config.to_dict().items() if k not in ("epochs",)}
+    return {"config": config_dict, "meta": {k: v for k, v in meta.items() if k != "run_dir"}}
 
 
 def train_model(

@@ -30,7 +30,7 @@ from pathlib import Path
 from lowrank_deploy.checks import MAX_BATCH, check_count, check_duration, check_memory, check_path_length
 from lowrank_deploy.cli import ArgumentParser
 from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.integrity import run_lock
+from lowrank_deploy.integrity import STAGE_OUTPUTS, clear_downstream, run_lock
 
 __all__ = ["PROG", "Stage", "build_parser", "main", "plan_export", "run_dir_of", "run_stages"]
 
@@ -375,10 +375,17 @@ def _owned_run_dir(run_dir: Path) -> Iterator[None]:
 
 
 def run_stages(run_dir: Path, stages: list[Stage]) -> int:
-    """Run ``stages`` in order inside ``run_dir`` (created and locked); a failing stage raises UserInputError."""
+    """Run ``stages`` in order inside ``run_dir`` (created and locked); a failing stage raises UserInputError.
+
+    Before each stage runs, the files of every later stage are removed
+    (:func:`lowrank_deploy.integrity.clear_downstream`): a run killed mid-way leaves no report or latency of an
+    earlier run beside its new plan.
+    """
     with _owned_run_dir(run_dir):
         for i, stage in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {stage.name}: {stage.command()}", flush=True)
+            if stage.name in STAGE_OUTPUTS:  # what the later stages made from this one's files is stale from now on
+                clear_downstream(run_dir, stage.name)
             code = stage.run(stage.argv)
             if code:
                 raise UserInputError(f"stage {stage.name} failed with exit code {code}")
@@ -387,7 +394,7 @@ def run_stages(run_dir: Path, stages: list[Stage]) -> int:
 
 def _train_dir(values: dict[str, str | None]) -> Path:
     data = values["data"] or ""
-    name = "fashion-mnist" if data == "fashion-mnist" else Path(data.rstrip("/")).name
+    name = "fashion-mnist" if data == "fashion-mnist" else Path(data).resolve().name  # DATA=. or ../x/ too
     return Path(values["out"] or "") / model_name_of(values["model"] or "") / f"train-{name}"
 
 
