@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from venv_for_make import venv_for_make
 
 from lowrank_deploy.cli import run_main
 
@@ -527,7 +528,7 @@ def test_make_clean_deletes_exactly_the_out_folder_with_a_space(tmp_path: Path) 
     (tmp_path / "runs b").mkdir()
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "keep").write_text("x")
-    venv = Path(sys.executable).resolve().parents[1]
+    venv = venv_for_make()
     proc = subprocess.run(
         ["make", "-s", "clean", f"OUT={tmp_path / 'runs b'}", f"VENV={venv}"],
         cwd=ROOT,
@@ -550,7 +551,7 @@ def test_make_variable_with_a_quote_runs_nothing(
 ) -> None:
     out, _ = earlier
     marker = tmp_path / "X"
-    venv = Path(sys.executable).resolve().parents[1]
+    venv = venv_for_make()
     env = {**os.environ, "MAKEFLAGS": "", "OMP_NUM_THREADS": "1"}
     subprocess.run(["make", "-s", "venv", f"VENV={venv}"], cwd=ROOT, capture_output=True, env=env, check=False)
     before = snapshot(out)

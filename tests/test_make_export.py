@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from venv_for_make import venv_for_make
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORY = "tests/compress/models.py:tiny_resnet"
@@ -24,7 +25,7 @@ SIDE_KEYS = {"params", "macs", "onnx_bytes", "latency_ms"}
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_export_end_to_end(tmp_path: Path) -> None:
-    venv = Path(sys.executable).resolve().parents[1]
+    venv = venv_for_make()
     out = tmp_path / "artifacts"
     cmd = [
         "make",
@@ -83,7 +84,7 @@ FMNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-m
 )
 def test_make_train_export_finetune_with_data(tmp_path: Path) -> None:
     """README flow on real data: make train → make export DATA=… FINETUNE_EPOCHS=… → make finetune."""
-    venv = Path(sys.executable).resolve().parents[1]
+    venv = venv_for_make()
     out = tmp_path / "artifacts"
     model = "cifar_resnet20_w0.25"
     common = [f"MODEL={model}", "DATA=fashion-mnist", "EVAL_SAMPLES=200", f"OUT={out}", f"VENV={venv}"]
@@ -134,7 +135,7 @@ def test_make_train_export_finetune_with_data(tmp_path: Path) -> None:
 )
 def test_make_export_vbmf_tucker2_trains_compresses_and_finetunes_in_one_command(tmp_path: Path) -> None:
     """Issue 4: expand → orthogonal training → collapse → EVBMF Tucker-2 → fine-tune → ONNX → latency."""
-    venv = Path(sys.executable).resolve().parents[1]
+    venv = venv_for_make()
     out = tmp_path / "artifacts"
     model = "cifar_resnet20_w0.5"
     cmd = [
@@ -169,7 +170,7 @@ def test_make_export_vbmf_tucker2_trains_compresses_and_finetunes_in_one_command
 )
 def test_make_export_paper_methods(tmp_path: Path, method: str, target: str) -> None:
     """`make export METHOD=ljsvd|lrsd|cc` end to end on a CIFAR ResNet-20 (random weights, no data)."""
-    venv = Path(sys.executable).resolve().parents[1]
+    venv = venv_for_make()
     out = tmp_path / "artifacts"
     extra = {"lrsd": "--split fixed --calibration-samples 64", "cc": "", "ljsvd": ""}[method]
     cmd = [
@@ -198,3 +199,39 @@ def test_make_export_paper_methods(tmp_path: Path, method: str, target: str) -> 
     else:  # cc: the FLOPs target is met in the exported graph's MACs
         assert report["ratios"]["flops_reduction"] == pytest.approx(0.5, abs=0.015)
         assert any("no calibration data, so the sensitivities are weight-only" in w for w in plan["warnings"])
+
+
+def test_the_venv_given_to_make_is_the_tests_own_virtual_environment() -> None:
+    """Issue 22: ``VENV`` must be ``sys.prefix`` of a venv, so ``make`` never installs into the base Python."""
+    venv = venv_for_make()  # skips outside a virtual environment
+    assert venv == Path(sys.prefix)
+    assert sys.prefix != sys.base_prefix
+    assert (venv / "pyvenv.cfg").is_file()
+    resolved = Path(sys.executable).resolve().parents[1]  # the old derivation
+    if resolved != venv:  # .venv/bin/python is a link: resolving it left the venv for the base interpreter
+        assert not (resolved / "pyvenv.cfg").is_file()
+    if shutil.which("make") is not None:  # what `make venv` would run (-n: nothing runs; -B: as if out of date)
+        proc = subprocess.run(
+            ["make", "-n", "-B", "venv", f"VENV={venv}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MAKEFLAGS": ""},
+            check=True,
+        )
+        pip = [line for line in proc.stdout.splitlines() if "pip install" in line]
+        assert pip, proc.stdout
+        assert all(line.split()[0] == f"{venv}/bin/python" for line in pip), proc.stdout
+        code = "import sys; print(sys.prefix, sys.prefix != sys.base_prefix)"
+        probe = subprocess.run([f"{venv}/bin/python", "-c", code], capture_output=True, text=True, check=True)
+        assert probe.stdout.split() == [str(venv), "True"]  # pip would install into this venv, nowhere else
+
+
+def test_no_test_derives_venv_from_a_resolved_interpreter() -> None:
+    """Every test that hands ``VENV=`` to make takes it from :func:`venv_for_make`, never a resolved path."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        text = path.read_text()
+        if "VENV=" in text and "sys.executable).resolve()" in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []

@@ -15,12 +15,12 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from venv_for_make import venv_for_make
 
 from lowrank_deploy.errors import UserInputError
 
@@ -52,7 +52,7 @@ def test_make_export_segmentation_and_detection(tmp_path: Path, name: str, task:
     pytest.importorskip("onnxruntime")
     import onnx
 
-    venv = Path(sys.executable).resolve().parents[1]
+    venv = venv_for_make()
     out = tmp_path / "artifacts"
     weights = _lively_weights(name, tmp_path / f"{name}.pth")
     cmd = [

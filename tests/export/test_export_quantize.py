@@ -17,6 +17,7 @@ import torch
 from export_helpers import randomize_bn_, seeded
 from onnx import TensorProto, numpy_helper
 from torch import nn
+from venv_for_make import venv_for_make
 
 import export.quantize as quantize
 from export import onnx_from_torch, optimize, save_onnx
@@ -321,7 +322,6 @@ def test_make_export_precision_adds_the_quantize_stage(tmp_path, precision, stag
 def test_make_export_precision_int8_end_to_end(tmp_path):
     import os
     import subprocess
-    import sys
 
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "artifacts"
@@ -335,7 +335,7 @@ def test_make_export_precision_int8_end_to_end(tmp_path):
         "THREADS=1",
         "PRECISION=int8",
         f"OUT={out}",
-        f"VENV={Path(sys.executable).resolve().parents[1]}",
+        f"VENV={venv_for_make()}",
         "COMPRESS_ARGS=--input-size 32 --min-rank 2",
     ]
     proc = subprocess.run(
