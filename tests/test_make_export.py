@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -229,9 +230,11 @@ def test_the_venv_given_to_make_is_the_tests_own_virtual_environment() -> None:
 
 def test_no_test_derives_venv_from_a_resolved_interpreter() -> None:
     """Every test that hands ``VENV=`` to make takes it from :func:`venv_for_make`, never a resolved path."""
-    offenders = []
-    for path in sorted((ROOT / "tests").rglob("*.py")):
-        text = path.read_text()
-        if "VENV=" in text and "sys.executable).resolve()" in text:
-            offenders.append(str(path.relative_to(ROOT)))
+    resolved = re.compile(r"(VENV=\{|venv\s*=\s*)Path\(sys\.executable\)\.resolve\(\)")
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        if resolved.search(path.read_text())
+    ]
     assert offenders == []
+    assert resolved.search("venv = Path(sys." + "executable).resolve().parents[1]")  # the pattern finds the old line
