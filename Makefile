@@ -179,7 +179,7 @@ $(DOCS_STAMP): pyproject.toml $(STAMP)
 	@touch $@
 
 docs: $(DOCS_STAMP)
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 # OUT reaches rm as one argument (LRD_OUT from the environment): OUT="runs b" deletes exactly `runs b`.
 clean:
