@@ -35,8 +35,10 @@ __all__ = [
     "DIGESTS",
     "INPUTS",
     "LOCK_FILE",
+    "STAGE_OUTPUTS",
     "Terminated",
     "clean_orphans",
+    "clear_downstream",
     "file_digests",
     "install_signal_handlers",
     "is_orphan",
@@ -59,6 +61,26 @@ ONNX = ("dense.onnx", "model.onnx")
 SPARSE = "model.sparse.onnx"
 ENGINES = ("dense.plan", "model.plan")
 COMPRESS_OUTPUTS = (PLAN, *WEIGHTS)
+
+
+def _stage_outputs() -> dict[str, tuple[str, ...]]:
+    from lowrank_deploy import rundir as rd
+
+    sidecars = tuple(n + rd.ENGINE_SIDECAR_SUFFIX for n in (rd.DENSE_ENGINE, rd.MODEL_ENGINE))
+    return {
+        "compress": (rd.PLAN_JSON, rd.DENSE_WEIGHTS, rd.MODEL_WEIGHTS, rd.RAW_WEIGHTS, rd.COMPRESS_JSON),
+        "export": (rd.DENSE_ONNX, rd.MODEL_ONNX, rd.SPARSE_ONNX, rd.PARITY_JSON),
+        "quantize": rd.QUANTIZED_FILES,
+        "engine": (rd.DENSE_ENGINE, rd.MODEL_ENGINE, *sidecars),
+        "profile": ("profile.json", "profile.md"),
+        "bench": (rd.LATENCY_JSON, rd.LATENCY_MD, rd.LATENCY_PNG),
+        "report": (rd.REPORT_JSON, rd.REPORT_MD),
+    }
+
+
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = _stage_outputs()
+"""Stage → the files it writes in a run directory, in chain order: each stage's files are made from those of
+the stages before it, so a stage that starts rewriting makes every later stage's files stale."""
 
 _RERUN = {
     "compress": "re-run the compress stage (`lowrank-deploy export` or `python -m compress run`)",
@@ -150,6 +172,30 @@ def verify_chain(run_dir: str | os.PathLike[str], stage: str) -> None:
         return
     latency = _read(folder / "latency.json")
     _check(folder, _recorded(latency, INPUTS), "latency.json", "bench", actual)
+
+
+def clear_downstream(run_dir: str | os.PathLike[str], stage: str) -> list[str]:
+    """Remove the files of every stage after ``stage`` (:data:`STAGE_OUTPUTS`) before ``stage`` rewrites its own.
+
+    An interrupted re-run then leaves the new upstream files and nothing downstream, never a report or
+    latency of the previous run beside a new plan. Call it holding :func:`run_lock`.
+
+    Returns:
+        The names removed.
+
+    Raises:
+        KeyError: ``stage`` is not in :data:`STAGE_OUTPUTS`.
+    """
+    names = list(STAGE_OUTPUTS)
+    later = [n for s in names[names.index(stage) + 1 :] for n in STAGE_OUTPUTS[s]]
+    removed = []
+    folder = Path(run_dir)
+    for name in later:
+        path = folder / name
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
 
 
 def stale_sparse_onnx(run_dir: str | os.PathLike[str]) -> bool:

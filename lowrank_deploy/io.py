@@ -11,7 +11,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,26 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
+_first_write: dict[Path, Callable[[], object]] = {}
+
+
+@contextlib.contextmanager
+def before_first_write(folder: str | os.PathLike[str], action: Callable[[], object]) -> Iterator[None]:
+    """Run ``action`` once, as soon as :func:`atomic_path` has put the block's first file into ``folder``.
+
+    A stage that fails before a file is in place (a refused input, a full disk) leaves the folder untouched;
+    one that writes runs ``action`` (:func:`lowrank_deploy.integrity.clear_downstream`) right after its first
+    rename, before anything else.
+    """
+    key = Path(folder).resolve()
+    _first_write[key] = action
+    try:
+        yield
+    finally:
+        if _first_write.get(key) is action:
+            del _first_write[key]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
@@ -62,6 +82,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dest)
+        if _first_write:
+            action = _first_write.pop(dest.parent.resolve(), None)
+            if action is not None:
+                action()
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import re
@@ -31,6 +32,7 @@ from lowrank_deploy.checks import MAX_BATCH, check_count, check_duration, check_
 from lowrank_deploy.cli import ArgumentParser
 from lowrank_deploy.errors import UserInputError
 from lowrank_deploy.integrity import STAGE_OUTPUTS, clear_downstream, run_lock
+from lowrank_deploy.io import before_first_write
 
 __all__ = ["PROG", "Stage", "build_parser", "main", "plan_export", "run_dir_of", "run_stages"]
 
@@ -377,16 +379,17 @@ def _owned_run_dir(run_dir: Path) -> Iterator[None]:
 def run_stages(run_dir: Path, stages: list[Stage]) -> int:
     """Run ``stages`` in order inside ``run_dir`` (created and locked); a failing stage raises UserInputError.
 
-    Before each stage runs, the files of every later stage are removed
+    As soon as a stage has put its first file in place, the files of every later stage are removed
     (:func:`lowrank_deploy.integrity.clear_downstream`): a run killed mid-way leaves no report or latency of an
-    earlier run beside its new plan.
+    earlier run beside its new plan, and a stage that refuses its input (or finds the disk full) leaves the
+    run directory untouched.
     """
     with _owned_run_dir(run_dir):
         for i, stage in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {stage.name}: {stage.command()}", flush=True)
-            if stage.name in STAGE_OUTPUTS:  # what the later stages made from this one's files is stale from now on
-                clear_downstream(run_dir, stage.name)
-            code = stage.run(stage.argv)
+            clear = functools.partial(clear_downstream, run_dir, stage.name)
+            with before_first_write(run_dir, clear) if stage.name in STAGE_OUTPUTS else contextlib.nullcontext():
+                code = stage.run(stage.argv)
             if code:
                 raise UserInputError(f"stage {stage.name} failed with exit code {code}")
     return 0

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_hostile_input import BASE, _call, _export, assert_refused, snapshot
+from test_hostile_input import BASE, ROOT, _call, _export, assert_refused, snapshot
 from torch import nn
 
 from lowrank_deploy.io import atomic_path
@@ -311,3 +316,47 @@ def test_latency_cache_folder_honours_xdg_cache_home(tmp_path: Path, monkeypatch
     assert cache_dir() == tmp_path / "xdg" / "lowrank-deploy"
     monkeypatch.setenv("LOWRANK_DEPLOY_CACHE", str(tmp_path / "mine"))
     assert cache_dir() == tmp_path / "mine"
+
+
+# A re-run killed mid-way leaves nothing of the earlier run downstream of what it rewrote -----------------------
+
+
+def test_a_killed_rerun_leaves_no_report_of_the_earlier_run(copy_run: Path) -> None:
+    from lowrank_deploy.integrity import STAGE_OUTPUTS
+
+    out = copy_run.parents[1]
+    earlier_report = json.loads((copy_run / "report.json").read_text())
+    assert earlier_report["ratios"]["params"] == pytest.approx(2, rel=0.15)
+    argv = [a if a != "2" else "3" for a in BASE]  # --ratio 3
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lowrank_deploy", "export", *argv, "--duration", "120", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 240
+    for line in proc.stdout:
+        if line.startswith("[2/4] export") or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)  # no handler runs: what is on disk is what the stages left
+    proc.wait(timeout=60)
+    plan = json.loads((copy_run / "plan.json").read_text())
+    assert plan["target"]["ratio"] == 3  # the re-run's plan
+    left = {p.name for p in copy_run.iterdir()}
+    stale = set(STAGE_OUTPUTS["bench"] + STAGE_OUTPUTS["report"] + STAGE_OUTPUTS["quantize"])
+    assert not left & stale, left & stale  # no latency.* or report.* of RATIO=2 beside the RATIO=3 plan
+    assert {"plan.json", "compress.json", "dense.safetensors", "model.safetensors"} <= left
+
+
+def test_clear_downstream_follows_the_stage_table(tmp_path: Path) -> None:
+    from lowrank_deploy.integrity import STAGE_OUTPUTS, clear_downstream
+
+    every = [n for names in STAGE_OUTPUTS.values() for n in names]
+    for name in [*every, "notes.txt"]:
+        (tmp_path / name).write_text("x")
+    removed = clear_downstream(tmp_path, "export")
+    assert sorted(removed) == sorted(
+        n for s in ("quantize", "engine", "profile", "bench", "report") for n in STAGE_OUTPUTS[s]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*STAGE_OUTPUTS["compress"], *STAGE_OUTPUTS["export"], "notes.txt"]
+    )
+    assert clear_downstream(tmp_path, "report") == []
