@@ -16,6 +16,13 @@ quantizes each model (dense and compressed separately: x86 kernels differ per fo
 candidates passing the gate are timed against each other and the FP32 model with ONNX Runtime (interleaved,
 ``--threads`` threads), and the fastest wins; all timings and each model's format are recorded.
 
+CPU: on x86 without VNNI (no ``avx512_vnni``/``avx_vnni``/``amx_int8`` in /proc/cpuinfo) ONNX Runtime's u8s8
+kernels multiply with VPMADDUBSW, whose int16 pair sums saturate with 8-bit weights (top-1 agreement 0.156
+on an AVX2 AMD EPYC). There int8 weights are quantized to 7 bits (``reduce_range``, which cannot saturate)
+and ``auto`` also times U8U8; elsewhere weights keep 8 bits (:func:`int8_remedy`). ``--reduce-range`` forces 7
+bits; ``LOWRANK_DEPLOY_CPU_FEATURES`` (e.g. ``avx2,fma``) replaces the CPU's flags. ``quantize.json``'s ``cpu``
+records the CPU class and the choice.
+
 Calibration: with ``--data``, a seeded calibration subset of the training split (256 images by default,
 :func:`compress.data.calibration_subset`); without, seeded standard-normal inputs (16 by default) and a
 loud warning in the record and the report. Methods: ``minmax`` (default), ``entropy``, ``percentile``.
@@ -53,21 +60,24 @@ from export.quantize.rules import (
     float_layers,
 )
 from export.quantize.run import quantize_run
-from export.quantize.static import cpu_int8_support, quantize_int8
+from export.quantize.static import CPU_FEATURES_ENV, Int8Remedy, cpu_int8_support, int8_remedy, quantize_int8
 
 __all__ = [
     "AUTO_CANDIDATES",
+    "CPU_FEATURES_ENV",
     "FORMATS",
     "GATE",
     "MIN_FLOAT_RANK",
     "RULES",
     "FloatLayer",
     "Gate",
+    "Int8Remedy",
     "QuantizationError",
     "add_parser",
     "agreement",
     "cpu_int8_support",
     "float_layers",
+    "int8_remedy",
     "quantize_int8",
     "quantize_run",
     "run_cli",

@@ -97,7 +97,7 @@ def run_cli(args: argparse.Namespace) -> int:
         threads=args.threads,
         min_rank=args.float_min_rank,
         rules=rules,
-        reduce_range=args.reduce_range,
+        reduce_range=True if args.reduce_range else None,  # default: chosen by CPU (7 bits on x86 without VNNI)
         auto_seconds=args.auto_seconds,
         eval_samples=eval_samples,
     )

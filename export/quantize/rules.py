@@ -21,6 +21,7 @@ FORMATS: dict[str, tuple[str, str, str, bool]] = {
     "qdq-s8s8": ("QDQ", "QInt8", "QInt8", False),
     "qoperator-u8s8": ("QOperator", "QUInt8", "QInt8", False),
     "qdq-s8s8-symmetric": ("QDQ", "QInt8", "QInt8", True),
+    "qdq-u8u8": ("QDQ", "QUInt8", "QUInt8", False),  # no VPMADDUBSW saturation: an auto candidate on x86 without VNNI
 }
 AUTO_CANDIDATES = ("qdq-u8s8", "qdq-s8s8", "qoperator-u8s8")
 TRT_FORMAT = "qdq-s8s8-symmetric"

@@ -33,8 +33,10 @@ from export.quantize.rules import (
 )
 from export.quantize.static import (
     InputSpec,
+    Int8Remedy,
     cpu_int8_support,
     input_spec,
+    int8_remedy,
     onnx_outputs,
     quantize_int8,
     time_candidates,
@@ -90,12 +92,18 @@ def quantize_run(
     threads: int | None = None,
     min_rank: int = MIN_FLOAT_RANK,
     rules: Sequence[str] = RULES,
-    reduce_range: bool = False,
+    reduce_range: bool | None = None,
     auto_seconds: float = 3.0,
     eval_samples: int | None = None,
     gate: Gate = GATE,
+    cpu_features: Sequence[str] | None = None,
 ) -> QuantizedRecord:
     """Quantize both ONNX files of a run directory and write the record (see the module docstring).
+
+    ``reduce_range=None`` chooses the weights' range by CPU (:func:`~export.quantize.static.int8_remedy`: 7 bits
+    on x86 without VNNI, where ONNX Runtime's u8s8 kernels saturate, plus U8U8 among the ``auto`` formats);
+    ``cpu_features`` replaces the machine's CPU flags (tests take both paths with it). ``quantize.json``'s
+    ``cpu`` records the CPU class and the choice (``int8_remedy``); each side its ``reduce_range``.
 
     Raises:
         UserInputError: bad options or a missing ONNX file.
@@ -114,11 +122,21 @@ def quantize_run(
     sources = {key: rd.require(rd.onnx(key)) for key in MODELS}
     spec = input_spec(sources["compressed"])
     warnings: list[str] = []
-    cpu = cpu_int8_support()
-    if precision == "int8" and target == "ort" and cpu["int8_dot"] == []:
-        warnings.append(
-            "this CPU has no int8 dot-product instructions (VNNI): INT8 may not be faster (onnxruntime#17389)"
-        )
+    cpu = cpu_int8_support(cpu_features)
+    remedy = int8_remedy(cpu, reduce_range=reduce_range)
+    if precision == "int8" and target == "tensorrt":  # TensorRT's GPU kernels: the CPU's remedy does not apply
+        remedy = Int8Remedy(cpu["cpu_class"], False, (), "TensorRT target: 8-bit symmetric weights, whatever the CPU")
+    if precision == "int8" and target == "ort":
+        cpu = {**cpu, "int8_remedy": remedy.to_dict()}
+        if cpu["int8_dot"] == []:
+            warnings.append(
+                "this CPU has no int8 dot-product instructions (VNNI): INT8 may not be faster (onnxruntime#17389)"
+                + (
+                    "; int8 weights quantized to 7 bits so its u8s8 kernels cannot saturate"
+                    if remedy.reduce_range
+                    else ""
+                )
+            )
 
     dataset = None
     if data:
@@ -151,8 +169,9 @@ def quantize_run(
             }
             if data:
                 calib_record["data"] = data
-            options = {"method": method, "min_rank": min_rank, "rules": rules, "reduce_range": reduce_range}
-            formats = [TRT_FORMAT] if target == "tensorrt" else list(AUTO_CANDIDATES if fmt == "auto" else [fmt])
+            options = {"method": method, "min_rank": min_rank, "rules": rules}
+            auto = [*AUTO_CANDIDATES, *remedy.extra_candidates]
+            formats = [TRT_FORMAT] if target == "tensorrt" else (auto if fmt == "auto" else [fmt])
             candidates, chosen, kept = None, dict.fromkeys(MODELS, formats[0]), {}
             if len(formats) > 1:  # auto: each model gets its fastest format (they differ: S8S8 vs U8S8 kernels)
                 candidates = {"threads": threads}
@@ -169,12 +188,20 @@ def quantize_run(
                         auto_seconds,
                         gate,
                         options,
+                        remedy,
                         tmp,
                     )
             outs = {key: tmp / f"{key}.{chosen[key]}.onnx" for key in MODELS}
             for key in MODELS:
                 if key not in kept:
-                    kept[key] = quantize_int8(sources[key], outs[key], feeds, fmt=chosen[key], **options)
+                    kept[key] = quantize_int8(
+                        sources[key],
+                        outs[key],
+                        feeds,
+                        fmt=chosen[key],
+                        reduce_range=remedy.reduce_range_for(chosen[key]),
+                        **options,
+                    )
         sides: dict[str, Any] = {}
         failures = []
         same = chosen["dense"] == chosen["compressed"]
@@ -185,6 +212,7 @@ def quantize_run(
             sides[key] = {
                 "file": rd.quantized(key, precision, target).name,
                 "format": chosen[key],
+                "reduce_range": precision == "int8" and remedy.reduce_range_for(chosen[key]),
                 "onnx_bytes": outs[key].stat().st_size,
                 "fp32_onnx_bytes": sources[key].stat().st_size,
                 "agreement": agree,
@@ -245,6 +273,7 @@ def _pick_format(
     seconds: float,
     gate: Gate,
     options: Mapping[str, Any],
+    remedy: Int8Remedy,
     tmp: Path,
 ) -> tuple[dict[str, Any], str, list[FloatLayer]]:
     """``--format auto`` for one model: quantize it in each format, gate, time the passing ones interleaved.
@@ -257,10 +286,15 @@ def _pick_format(
     kept: dict[str, list[FloatLayer]] = {}
     for fmt in formats:
         path = tmp / f"{key}.{fmt}.onnx"
-        kept[fmt] = quantize_int8(source, path, feeds, fmt=fmt, **options)
+        kept[fmt] = quantize_int8(source, path, feeds, fmt=fmt, reduce_range=remedy.reduce_range_for(fmt), **options)
         agree = agreement(ref, onnx_outputs(path, agree_feeds, threads)[:AGREEMENT_INPUTS])
         why = gate.failures(agree)
-        candidates[fmt] = {"agreement": agree, "gate_failures": why, "p50_ms": None}
+        candidates[fmt] = {
+            "agreement": agree,
+            "gate_failures": why,
+            "p50_ms": None,
+            "reduce_range": remedy.reduce_range_for(fmt),
+        }
         if not why:
             passing[fmt] = path
     if not passing:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,17 +158,118 @@ def input_spec(path: Path) -> InputSpec:
     return InputSpec(name, (1 if dynamic else int(dims[0]), *(int(d) for d in dims[1:])), dynamic)
 
 
-def cpu_int8_support() -> dict[str, Any]:
-    """CPU model and its int8 dot-product extensions (VNNI, AMX; dotprod/i8mm on Arm) from /proc/cpuinfo."""
-    info: dict[str, Any] = {"model": None, "int8_dot": None}
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        info["model"] = fields.get("model name") or fields.get("CPU part")
-        flags = set((fields.get("flags") or fields.get("Features") or "").split())
-        info["int8_dot"] = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
+#: Overrides /proc/cpuinfo's flags (comma- or space-separated, e.g. ``avx2,fma`` or ``avx2,avx512_vnni``; an
+#: ``x86_64`` or ``aarch64`` token sets the architecture): how tests take both CPU paths on one machine.
+CPU_FEATURES_ENV = "LOWRANK_DEPLOY_CPU_FEATURES"
+_X86_INT8_DOT = frozenset({"avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"})
+_ARM_INT8_DOT = frozenset({"asimddp", "i8mm"})
+_X86_MARKERS = frozenset({"sse2", "avx", "avx2", "avx512f", "fma"})
+_ARM_MARKERS = frozenset({"asimd", "neon", "fp", "evtstrm"})
+_ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def cpu_int8_support(features: Iterable[str] | None = None) -> dict[str, Any]:
+    """The CPU's int8 dot-product extensions (VNNI, AMX; dotprod/i8mm on Arm) and its class.
+
+    Args:
+        features: CPU flags to use instead of the machine's (tests); default the :data:`CPU_FEATURES_ENV`
+            variable when set, else /proc/cpuinfo.
+
+    Returns:
+        ``{"model", "int8_dot", "arch", "cpu_class", "source"}``: ``int8_dot`` lists the int8 dot-product
+        flags found (``None`` when the flags are unknown); ``cpu_class`` is ``x86-vnni``, ``x86-no-vnni``,
+        ``arm-dotprod``, ``arm-no-dotprod`` or ``unknown``; ``source`` says where the flags came from.
+    """
+    info: dict[str, Any] = {"model": None, "int8_dot": None, "arch": platform.machine().lower() or None}
+    flags: set[str] | None = None
+    if features is None and os.environ.get(CPU_FEATURES_ENV) is not None:
+        features, info["source"] = os.environ[CPU_FEATURES_ENV].replace(",", " ").split(), CPU_FEATURES_ENV
+    if features is not None:
+        info.setdefault("source", "argument")
+        flags = {f.strip().lower() for f in features if f.strip()}
+        arch = next((_ARCHES[f] for f in flags if f in _ARCHES), None)
+        if arch is None and flags & _X86_MARKERS:
+            arch = "x86_64"
+        elif arch is None and flags & _ARM_MARKERS:
+            arch = "aarch64"
+        info["arch"] = arch or info["arch"]
+        flags -= set(_ARCHES)
+    else:
+        info["source"] = "/proc/cpuinfo"
+        with contextlib.suppress(OSError):
+            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+            fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            info["model"] = fields.get("model name") or fields.get("CPU part")
+            flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    info["arch"] = _ARCHES.get(info["arch"] or "", info["arch"])
+    if flags:
+        info["int8_dot"] = sorted(flags & (_X86_INT8_DOT | _ARM_INT8_DOT))
+    if not flags or info["arch"] not in ("x86_64", "aarch64"):
+        info["cpu_class"] = "unknown"
+    elif info["arch"] == "x86_64":
+        info["cpu_class"] = "x86-vnni" if flags & _X86_INT8_DOT else "x86-no-vnni"
+    else:
+        info["cpu_class"] = "arm-dotprod" if flags & _ARM_INT8_DOT else "arm-no-dotprod"
     return info
+
+
+@dataclass(frozen=True)
+class Int8Remedy:
+    """How the int8 weights are quantized for the CPU: full 8 bits, or 7 (``reduce_range``) where u8s8 saturates.
+
+    On x86 without VNNI, ONNX Runtime's u8s8 kernels (MLAS, AVX2 and AVX-512BW) multiply with VPMADDUBSW, which
+    adds two u8 x s8 products into a saturating int16: 2 x 255 x 127 = 64770 > 32767, so large activations
+    times large weights clip (seen: top-1 agreement 0.156 on an AVX2 AMD EPYC, issue 22). Weights in 7 bits,
+    [-64, 64], bound the pair at 2 x 255 x 64 = 32640, which cannot saturate; U8U8 (VPMADDWD) cannot either and
+    is added to ``--format auto``'s candidates there. VNNI (VPDPBUSD accumulates in int32), AMX and Arm's
+    dot-product instructions do not saturate, so weights keep 8 bits (ONNX Runtime's quantization docs).
+    """
+
+    cpu_class: str
+    reduce_range: bool
+    extra_candidates: tuple[str, ...]
+    reason: str
+    forced: bool = False
+
+    def reduce_range_for(self, fmt: str) -> bool:
+        """Whether ``fmt``'s weights are quantized to 7 bits (only int8 weights saturate VPMADDUBSW)."""
+        return self.reduce_range and (self.forced or FORMATS[fmt][2] == "QInt8")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the per-format choice."""
+        return {
+            **asdict(self),
+            "extra_candidates": list(self.extra_candidates),
+            "reduce_range_by_format": {f: self.reduce_range_for(f) for f in FORMATS},
+        }
+
+
+def int8_remedy(cpu: Mapping[str, Any], *, reduce_range: bool | None = None) -> Int8Remedy:
+    """The weight range and extra ``auto`` formats for ``cpu`` (from :func:`cpu_int8_support`).
+
+    Args:
+        cpu: The CPU record.
+        reduce_range: ``True``/``False`` forces 7-bit/8-bit weights for every format; ``None`` chooses by CPU.
+    """
+    cls = str(cpu.get("cpu_class", "unknown"))
+    if reduce_range is not None:
+        bits = "7-bit" if reduce_range else "8-bit"
+        return Int8Remedy(cls, reduce_range, (), f"{bits} weights as requested (--reduce-range)", forced=True)
+    if cls == "x86-no-vnni":
+        return Int8Remedy(
+            cls,
+            True,
+            ("qdq-u8u8",),
+            "x86 without VNNI: u8s8 kernels use VPMADDUBSW, whose int16 pair sums saturate with 8-bit weights; "
+            "int8 weights use 7 bits (reduce_range), and U8U8 is timed too",
+        )
+    why = {
+        "x86-vnni": "x86 with VNNI/AMX: int32 accumulation, no saturation; 8-bit weights",
+        "arm-dotprod": "Arm dot-product instructions accumulate in int32; 8-bit weights",
+        "arm-no-dotprod": "Arm without dot-product instructions: no saturating pair sum like VPMADDUBSW; 8-bit weights",
+    }.get(cls, "CPU flags unknown: 8-bit weights (pass --reduce-range on an x86 CPU without VNNI)")
+    return Int8Remedy(cls, False, (), why)
 
 
 def time_candidates(paths: Mapping[str, Path], spec: InputSpec, threads: int | None, seconds: float) -> dict[str, Any]:
