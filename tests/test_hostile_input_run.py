@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_hostile_input import BASE, ROOT, _call, _export, assert_refused, snapshot
+from test_hostile_input import BASE, FACTORY, ROOT, _call, _export, assert_refused, snapshot
 from torch import nn
 
 from lowrank_deploy.io import atomic_path
@@ -360,3 +360,25 @@ def test_clear_downstream_follows_the_stage_table(tmp_path: Path) -> None:
         [*STAGE_OUTPUTS["compress"], *STAGE_OUTPUTS["export"], "notes.txt"]
     )
     assert clear_downstream(tmp_path, "report") == []
+
+
+# A quote in OUT is a folder name like any other: one argument, never a shell word ------------------------------
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_export_takes_an_out_with_quotes_as_one_literal_folder(tmp_path: Path) -> None:
+    from venv_for_make import venv_for_make
+
+    venv = venv_for_make()
+    marker = tmp_path / "X"
+    out = tmp_path / f"""it's "q"; touch {marker}; echo '"""
+    env = {**os.environ, "MAKEFLAGS": "", "OMP_NUM_THREADS": "1"}
+    variables = [f"MODEL={FACTORY}", "WEIGHTS=random", "RATIO=2", "ROUND_TO=2", "THREADS=1", "DURATION=0.3"]
+    variables += ["COMPRESS_ARGS=--input-size 32 --min-rank 2", f"OUT={out}", f"VENV={venv}"]
+    proc = subprocess.run(["make", "-s", "export", *variables], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists(), "OUT ran a shell command"
+    strays = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents]
+    assert strays == []  # every file under OUT, the folder named exactly as given (the marker's "/" included)
+    report = json.loads(out.joinpath(*FOLDER, "report.json").read_text())
+    assert report["ratios"]["params"] == pytest.approx(2, rel=0.15)
