@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +17,7 @@ from torch import nn
 from compress.attention import fused_attention_reason
 from compress.factorizations import LayerGeometry, dense_macs
 from compress.plan import KEEP, LayerPlan, Plan
+from compress.progress import Progress
 from lowrank_deploy.errors import CompressionError
 
 __all__ = [
@@ -194,13 +193,10 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def layer_progress(total: int, desc: str, *, enabled: bool | None = None) -> Any:
-    """A per-layer tqdm bar on stderr (count, rate and ETA), or tqdm's no-op stand-in when disabled.
+def layer_progress(total: int, desc: str, *, enabled: bool | None = None) -> Progress:
+    """Per-layer progress on stderr (:class:`compress.progress.Progress`): a bar on a terminal, lines in a log.
 
-    As the trainer's bar: shown when ``enabled``, or with ``enabled=None`` only when stderr is a terminal.
-    Call ``update(1)`` per finished layer and ``close()`` at the end (or use it as a context manager).
+    ``enabled=False`` silences it. Call ``update(1)`` per finished layer and ``close()`` at the end (or use
+    it as a context manager).
     """
-    from tqdm import tqdm
-
-    show = enabled if enabled is not None else sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False, disable=not show)
+    return Progress(total, desc, unit="layer", enabled=enabled)

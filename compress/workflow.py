@@ -26,6 +26,7 @@ from torch import nn
 
 from compress.data import Dataset, load_data
 from compress.models import LoadedModel, load_model
+from compress.progress import heartbeat
 from compress.train import Accuracy, Regularizer, TrainConfig, Trainer, TrainResult, evaluate
 from lowrank_deploy.errors import UserInputError
 from lowrank_deploy.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json
@@ -115,9 +116,10 @@ def evaluate_model(model: nn.Module, data: Dataset, config: TrainConfig, device:
     dev = resolve_device(device)
     model.to(dev)
     try:
-        return evaluate(
-            model, data.test, batch_size=config.eval_batch_size, max_samples=config.eval_samples, device=dev
-        )
+        with heartbeat(f"evaluating on {data.info.name} ({len(data.test)} test images)"):
+            return evaluate(
+                model, data.test, batch_size=config.eval_batch_size, max_samples=config.eval_samples, device=dev
+            )
     finally:
         model.to("cpu")
 
@@ -144,6 +146,7 @@ def train_model(
     device: str = "auto",
     resume: bool = True,
     progress: bool | None = None,
+    label: str = "train",
 ) -> TrainResult:
     """Train ``model`` in place into ``out_dir`` (checkpoint, log, ``model.safetensors``, ``train.json``).
 
@@ -167,6 +170,7 @@ def train_model(
         device=device,
         meta=meta_json,
         progress=progress,
+        label=label,
     )
     if (folder / CHECKPOINT).exists():
         if not resume:
@@ -273,6 +277,7 @@ def finetune_run(
             device=device,
             resume=True,
             progress=progress,
+            label="finetune",
         )
     wall = time.perf_counter() - t0
     compressed = _unwrap(model).cpu().eval()
@@ -358,6 +363,7 @@ def _finetune_in_stages(
             device=device,
             resume=True,
             progress=progress,
+            label=f"finetune stage {k}",
         )
         model = _unwrap(model)
         after = (

@@ -7,6 +7,12 @@ meets the goal. The result is then exported and timed end to end beside the dens
 when the measurement misses, the goal given to the predictor is corrected by the observed
 measured/predicted factor and the plan re-solved (at most ``rounds`` times). An unreachable target is a
 one-line :class:`UserInputError` stating the best speedup found.
+
+The whole solve runs in one :func:`compress.reuse.reuse_scope`: what a method computes that does not
+depend on its knob (CC's gradient statistics, sensitivity curves and heuristic runs, LRSD's calibration
+images and dense statistics, ``auto``'s candidate errors) is computed at the first knob value and reused
+at the others, giving the same plans. Each bisection step writes a progress line
+(:class:`compress.progress.Progress`), also into a log.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from torch import nn
 from compress.latency import current_latency_model, use_latency_model
 from compress.latency.model import DenseProfile, LatencyModel
 from compress.plan import Plan
+from compress.progress import Progress, heartbeat, say
+from compress.reuse import reuse_scope
 from compress.targets import Target
 from lowrank_deploy.errors import CompressionError, UserInputError
 
@@ -121,8 +129,9 @@ def compress_to_latency_(
     if not target.is_latency:
         raise UserInputError(f"{target.text()} is not a latency target")
     latency = latency or current_latency_model(batch=int(example_input.shape[0]))
-    with use_latency_model(latency):
-        profile = latency.profile_dense(dense, example_input)
+    with use_latency_model(latency), reuse_scope():
+        with heartbeat(f"{method.name} latency solve: timing the dense model's layers"):
+            profile = latency.profile_dense(dense, example_input)
         native = target.kind in method.target_fields
         options = _options(method, config)
         dense_ms = profile.total_ms
@@ -135,7 +144,7 @@ def compress_to_latency_(
                     outcome = _native(method, dense, scaled, options, example_input, data, model_name, latency, profile)
                 else:
                     outcome = _bisect(
-                        method, dense, target, aim, options, example_input, data, model_name, latency, profile
+                        method, dense, target, aim, options, example_input, data, model_name, latency, profile, round_
                     )
             except UserInputError as exc:
                 if chosen is None:  # the target itself is out of reach
@@ -143,9 +152,10 @@ def compress_to_latency_(
                 # the aim corrected by a measured miss is beyond the method: keep the closest measured round
                 history.append({"round": round_, "aim_ms": aim, "refused": str(exc)})
                 break
-            dense_meas, comp_meas = latency.timer.measure(
-                [dense, outcome.model], latency.shape(example_input.shape), repeats=repeats
-            )
+            with heartbeat(f"{method.name} latency solve: round {round_}, timing dense and compressed end to end"):
+                dense_meas, comp_meas = latency.timer.measure(
+                    [dense, outcome.model], latency.shape(example_input.shape), repeats=repeats
+                )
             goal_now = dense_meas / target.value if target.kind == "speedup" else target.value
             history.append(
                 {
@@ -157,6 +167,10 @@ def compress_to_latency_(
                     "measured_ms": comp_meas,
                     "goal_ms": goal_now,
                 }
+            )
+            say(
+                f"{method.name} latency solve, round {round_}: measured {_speedup_text(dense_meas, comp_meas)}, goal {goal_now:.2f} ms"
+                f"{'' if comp_meas <= goal_now else '; missed, re-solving with the aim corrected'}"
             )
             if comp_meas <= goal_now:
                 chosen = (outcome, dense_meas, comp_meas)
@@ -240,21 +254,27 @@ def _bisect(
     model_name: str,
     latency: LatencyModel,
     profile: DenseProfile,
+    round_: int = 1,
 ) -> LatencyOutcome:
     """The gentlest knob value whose predicted latency is ≤ ``aim`` (the knob's removed fraction bisected)."""
     kind = knob_kind(method)
+    steps = Progress(BISECTION_STEPS + 1, f"{method.name} latency solve, round {round_}", unit="bisection step")
 
     def value_of(x: float) -> float:
         return x if kind == "flops" else 1.0 / (1.0 - x)
 
     def evaluate(x: float) -> LatencyOutcome | None:
         value = value_of(x)
+        knob = f"{kind.upper()}={value:.4g}"
         try:
             config = method.make_config(Target(kind, value), **options)
             plan, model = _compress_copy(method, dense, config, example, data, model_name)
         except (CompressionError, UserInputError):
+            steps.update(1, f"{knob}: beyond what {method.name} can plan (too far)", force=True)
             return None  # beyond what the method can plan: treated as too far
         predicted, _ = latency.predict(model, example, profile)
+        verdict = "meets" if predicted <= aim else "misses"
+        steps.update(1, f"{knob}, predicted {predicted:.2f} ms, {verdict} the aim {aim:.2f} ms", force=True)
         return LatencyOutcome(value, plan, model, predicted)
 
     lo, hi, best, fastest = 0.0, MAX_REMOVED, None, None
@@ -272,6 +292,7 @@ def _bisect(
             hi = mid
         else:
             lo = mid
+    steps.close()
     if top is not None and (fastest is None or top.predicted_ms < fastest.predicted_ms):
         fastest = top
     if best is None:

@@ -49,6 +49,8 @@ from compress.methods.base import (
 from compress.metrics import count_params, trace_geometry
 from compress.plan import LayerPlan, Plan
 from compress.planning import FilterFn, common_skip_reason, find_stem, hw_list, keep_entry, layer_params, plan_totals
+from compress.progress import Progress
+from compress.reuse import fingerprint, memoized
 from compress.targets import Target
 from lowrank_deploy.errors import CompressionError, UserInputError
 
@@ -219,6 +221,21 @@ def _eig_basis(square: torch.Tensor) -> torch.Tensor:
     return vectors.flip(1)
 
 
+def _candidate_errors(
+    fact: Factorization, module: nn.Module, ranks_list: list[tuple[int, ...]], gram: torch.Tensor | None
+) -> list[float]:
+    """Output-space errors with a Gram, else weight-space ones; kept across the knob values of a latency solve."""
+
+    def compute() -> list[float]:
+        if gram is not None:
+            return output_errors(fact, module, ranks_list, gram)
+        return candidate_errors(fact, module, ranks_list)
+
+    return memoized(
+        "auto candidate errors", lambda: (fingerprint(module.weight, gram), fact.name, tuple(ranks_list)), compute
+    )
+
+
 def input_grams(
     model: nn.Module, paths: list[str], data: Batches, samples: int, *, positions_per_image: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -284,6 +301,10 @@ def plan_auto(
     layers: list[tuple[str, nn.Module, list[dict[str, Any]]]] = []
     pending: list[list[tuple[Factorization, tuple[int, ...]]]] = []
     fixed_cost = 0.0
+    timing = None
+    if latency is not None:
+        count = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+        timing = Progress(count, "auto: timing candidate blocks", unit="layer")
     for path, module in model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
@@ -314,27 +335,37 @@ def plan_auto(
             rows.append(row)
         layers.append((path, module, rows))
         pending.append(cands)
+        if timing is not None:
+            timing.update(1, f"{path}: {len(cands)} candidates")
     if latency is not None:
         latency.save()
+    if timing is not None:
+        timing.close()
     if not layers:
         raise CompressionError(f"nothing to compress in {model_name}: every Conv2d/Linear is kept by rule")
     proxy = "weight" if data is None else "output"
     grams = {}
     if data is not None:
-        grams = input_grams(model, [p for p, _, _ in layers], data, config.calibration_samples)
+        paths = [p for p, _, _ in layers]
+        grams = memoized(  # the stored value holds ``data``: its id stays valid
+            "auto input grams",
+            lambda: (fingerprint(model), tuple(paths), id(data), config.calibration_samples),
+            lambda: (data, input_grams(model, paths, data, config.calibration_samples)),
+        )[1]
     cost_key = {"ratio": "params", "flops": "macs"}.get(target.kind, "ms")
+    bar = Progress(len(layers), f"auto: {proxy}-space errors of the candidates", unit="layer")
     for (path, module, rows), cands in zip(layers, pending, strict=True):
         errors: dict[tuple[str, tuple[int, ...]], float] = {}
         for fact in {f.name: f for f, _ in cands}.values():
             ranks_list = [r for f, r in cands if f.name == fact.name]
-            if proxy == "output":
-                values = output_errors(fact, module, ranks_list, grams[path])
-            else:
-                values = candidate_errors(fact, module, ranks_list)
+            gram = grams[path] if proxy == "output" else None
+            values = _candidate_errors(fact, module, ranks_list, gram)
             errors.update(zip(((fact.name, r) for r in ranks_list), values, strict=True))
+        bar.update(1, path)
         for row, (fact, ranks) in zip(rows[1:], cands, strict=True):
             row["error"] = errors[(fact.name, ranks)]
         groups.append([Choice(cost=float(r[cost_key]), error=float(r["error"])) for r in rows])
+    bar.close()
 
     cand_dense = sum(g[0].cost for g in groups)
     if target.kind == "ratio":  # what the candidates may cost: the goal minus everything else

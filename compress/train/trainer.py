@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.progress import Progress, heartbeat
 from compress.train.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, LOG_FILE, load_checkpoint, save_checkpoint
 from compress.train.config import TrainConfig
 from compress.train.distributed import distributed_context, resolve_device
@@ -97,7 +98,10 @@ class Trainer:
         regularizers: Extra loss terms, each logged per epoch under its ``name``.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         meta: Facts stored in the checkpoint (model spec, plan, data) so it can be rebuilt.
-        progress: Show a progress bar (tqdm, rank 0, only on a terminal unless forced True).
+        progress: Progress on stderr, rank 0 (:class:`compress.progress.Progress`: ``None`` = a bar on a
+            terminal, throttled lines with epoch, batch, loss and ETA in a log; ``False``: off).
+        log: Where the per-epoch lines go (default: stderr).
+        label: What the progress lines call the run (``train``, ``finetune``).
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class Trainer:
         meta: dict[str, Any] | None = None,
         progress: bool | None = None,
         log: Callable[[str], None] | None = None,
+        label: str = "train",
     ) -> None:
         if config.kd_alpha > 0 and teacher is None:
             raise UserInputError("knowledge distillation (kd_alpha > 0) needs a teacher model; pass the dense model")
@@ -133,6 +138,7 @@ class Trainer:
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.meta = dict(meta or {})
         self.progress = progress
+        self.label = label
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.history: list[dict[str, Any]] = []
         self.step = 0
@@ -291,15 +297,16 @@ class Trainer:
                 break
             record = self._train_epoch(epoch)
             if self.test_split is not None:
-                acc = evaluate(
-                    self.model,
-                    self.test_split,
-                    batch_size=c.eval_batch_size,
-                    max_samples=c.eval_samples,
-                    device=self.device,
-                    dist=self.dist,
-                    channels_last=c.channels_last,
-                )
+                with heartbeat(f"{self.label} epoch {epoch + 1}/{c.epochs}: evaluating", enabled=self._enabled):
+                    acc = evaluate(
+                        self.model,
+                        self.test_split,
+                        batch_size=c.eval_batch_size,
+                        max_samples=c.eval_samples,
+                        device=self.device,
+                        dist=self.dist,
+                        channels_last=c.channels_last,
+                    )
                 record["test"] = acc.to_dict()
             self.history.append(record)
             self._save()
@@ -322,18 +329,20 @@ class Trainer:
             resumed_from_epoch=resumed_from,
         )
 
+    @property
+    def _enabled(self) -> bool | None:
+        """The ``enabled`` of this rank's progress: off on other ranks and when ``progress=False``."""
+        return False if not self.dist.is_main else self.progress
+
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.loader.set_epoch(epoch)
-        it: Any = iter(self.loader)
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
-        if show and self.dist.is_main:
-            from tqdm import tqdm
-
-            it = tqdm(it, total=len(self.loader), desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False)
-            self._bar = it
-        else:
-            self._bar = None
-        yield from it
+        self._bar = Progress(
+            len(self.loader),
+            f"{self.label} epoch {epoch + 1}/{self.config.epochs}",
+            unit="batch",
+            enabled=self._enabled,
+        )
+        yield from self.loader
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         c = self.config
@@ -382,10 +391,8 @@ class Trainer:
             for k, v in terms.items():
                 if k != "logits":
                     term_sums[k] = term_sums.get(k, 0.0) + float(v)
-            if self._bar is not None:
-                self._bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%")
-        if self._bar is not None:
-            self._bar.close()
+            self._bar.update(1, f"loss {sums[0] / sums[2]:.3f}, train top-1 {100 * sums[1] / sums[2]:.1f}%")
+        self._bar.close()
         sums = self.dist.all_reduce_sum(sums)
         n = max(1.0, float(sums[2]))
         wall = time.perf_counter() - t0

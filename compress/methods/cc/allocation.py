@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,9 +13,17 @@ import torch
 from compress.methods.cc.config import WEIGHTING
 from compress.methods.cc.modules import ConvShape, layer_cost
 from compress.methods.cc.scores import candidate_scores, channel_sum, unfold
+from compress.reuse import fingerprint, memoized
 from lowrank_deploy.errors import CompressionError, UserInputError
 
-__all__ = ["LayerDecision", "Trajectory", "allocate_reductions", "heuristic_trajectory"]
+__all__ = [
+    "HeuristicRun",
+    "LayerDecision",
+    "Trajectory",
+    "allocate_reductions",
+    "heuristic_trajectory",
+    "layer_trajectory",
+]
 
 
 # ================================================================================================ global solver
@@ -178,6 +187,119 @@ class Trajectory:
         return pruned, rank
 
 
+class HeuristicRun:
+    """The multi-step heuristic of one layer (spec §6), run only as far as asked and resumable.
+
+    The removal sequence does not depend on the target: a target only decides where it stops. So one
+    run, extended to the largest target asked so far (:meth:`extend`), answers every target with exactly
+    the :class:`Trajectory` a fresh run to that target gives (:meth:`trajectory`). The latency solver keeps
+    one run per layer across its knob values (:func:`layer_trajectory`).
+
+    Args:
+        weight: Original conv weight.
+        grad: ``dL/dW`` (``None``: ``G ≡ 1``).
+        shape: The layer's cost model (its output positions).
+        gamma: Weight of the forward term.
+        prune: Channel units take part.
+        decompose: Singular-value units take part.
+        exact_forward: Re-decompose each channel candidate for its forward term.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        grad: torch.Tensor | None,
+        shape: ConvShape,
+        *,
+        gamma: float = 0.9,
+        prune: bool = True,
+        decompose: bool = True,
+        exact_forward: bool = False,
+    ) -> None:
+        self.W = unfold(weight)
+        self.G2 = torch.ones_like(self.W) if grad is None else unfold(grad) ** 2
+        self.shape = shape
+        self.options = {"gamma": gamma, "prune": prune, "decompose": decompose, "exact_forward": exact_forward}
+        units = (shape.in_channels if prune else 0) + (shape.full_rank if decompose else 0)
+        self.interval = max(1, math.floor(0.01 * units))
+        self.mask = torch.ones(shape.in_channels, dtype=torch.bool)
+        self.kept, self.rank, self.decomposed = shape.in_channels, shape.full_rank, False
+        self.order: list[int] = []
+        self.rows: list[tuple[int, int, bool, int, int]] = []
+        self.row_step: list[int] = []
+        self.steps = 0
+        self.pending: list[int] = []  # units of the current step not removed yet
+        self.exhausted = False  # no candidate left: every larger target ends here too
+        self.channel_scores = channel_sum(self.G2 * self.W * self.W, shape.in_channels).numpy()
+
+    def _stops(self, row: tuple[int, int, bool, int, int], target: float) -> bool:
+        n_pruned, _, decomposed, red, pred = row
+        return red >= target or (n_pruned > 0 and decomposed and pred >= target)
+
+    def extend(self, target: float) -> None:
+        """Run on until a removal meets ``target`` (or no candidate is left)."""
+        if target <= 0 or self.exhausted or any(self._stops(row, target) for row in self.rows):
+            return
+        shape, n_in, taps, n_out = self.shape, self.shape.in_channels, self.shape.taps, self.shape.out_channels
+        F0 = shape.dense_macs
+        while True:
+            if not self.pending:
+                chan, sv = candidate_scores(
+                    self.W, self.G2, self.mask, self.rank, self.decomposed, taps=taps, **self.options
+                )
+                scores = torch.cat([chan, sv])
+                ranked = torch.argsort(scores, stable=True)[: self.interval]
+                self.pending = [int(u) for u in ranked if math.isfinite(float(scores[u]))]
+                if not self.pending:
+                    self.exhausted = True
+                    return
+                self.steps += 1
+            while self.pending:
+                u = self.pending.pop(0)
+                if u < n_in:
+                    if self.kept == 1:
+                        continue
+                    self.mask[u] = False
+                    self.kept -= 1
+                    self.order.append(u)
+                    self.rank = min(self.rank, self.kept * taps, n_out)
+                else:
+                    if self.rank == 1:
+                        continue
+                    self.rank -= 1
+                    self.decomposed = True
+                red = F0 - layer_cost(shape, self.kept, self.rank, self.decomposed)
+                pred = F0 - shape.macs(self.kept)
+                row = (n_in - self.kept, self.rank, self.decomposed, red, pred)
+                self.rows.append(row)
+                self.row_step.append(self.steps)
+                if self._stops(row, target):
+                    return
+
+    def trajectory(self, target: float) -> Trajectory:
+        """The trajectory a fresh run of the heuristic to ``target`` gives (extending this run as needed)."""
+        self.extend(target)
+        end, steps = 0, 0
+        if target > 0:
+            hit = next((i for i, row in enumerate(self.rows) if self._stops(row, target)), None)
+            end = len(self.rows) if hit is None else hit + 1
+            steps = self.steps if hit is None else self.row_step[hit]
+        arr = np.asarray(self.rows[:end], dtype=np.int64).reshape(-1, 5)
+        n_pruned = int(arr[-1, 0]) if end else 0
+        return Trajectory(
+            shape=self.shape,
+            order=list(self.order[:n_pruned]),
+            n_pruned=arr[:, 0],
+            rank=arr[:, 1],
+            decomposed=arr[:, 2].astype(bool),
+            reduction=arr[:, 3],
+            prune_only_reduction=arr[:, 4],
+            interval=self.interval,
+            steps=steps,
+            channel_scores=self.channel_scores,
+        )
+
+
 def heuristic_trajectory(
     weight: torch.Tensor,
     grad: torch.Tensor | None,
@@ -207,67 +329,21 @@ def heuristic_trajectory(
         decompose: Singular-value units take part.
         exact_forward: Re-decompose each channel candidate for its forward term.
     """
-    W = unfold(weight)
-    G2 = torch.ones_like(W) if grad is None else unfold(grad) ** 2
-    n_in, taps, n_out = shape.in_channels, shape.taps, shape.out_channels
-    R = shape.full_rank
-    units = (n_in if prune else 0) + (R if decompose else 0)
-    interval = max(1, math.floor(0.01 * units))
-    F0 = shape.dense_macs
-    mask = torch.ones(n_in, dtype=torch.bool)
-    kept, rank, decomposed = n_in, R, False
-    order: list[int] = []
-    rows: list[tuple[int, int, bool, int, int]] = []
-    steps = 0
-    done = target <= 0
-    while not done:
-        chan, sv = candidate_scores(
-            W,
-            G2,
-            mask,
-            rank,
-            decomposed,
-            taps=taps,
-            gamma=gamma,
-            prune=prune,
-            decompose=decompose,
-            exact_forward=exact_forward,
-        )
-        scores = torch.cat([chan, sv])
-        ranked = torch.argsort(scores, stable=True)[:interval]
-        ranked = [int(u) for u in ranked if math.isfinite(float(scores[u]))]
-        if not ranked:
-            break
-        steps += 1
-        for u in ranked:
-            if u < n_in:
-                if kept == 1:
-                    continue
-                mask[u] = False
-                kept -= 1
-                order.append(u)
-                rank = min(rank, kept * taps, n_out)
-            else:
-                if rank == 1:
-                    continue
-                rank -= 1
-                decomposed = True
-            red = F0 - layer_cost(shape, kept, rank, decomposed)
-            pred = F0 - shape.macs(kept)
-            rows.append((n_in - kept, rank, decomposed, red, pred))
-            if red >= target or (kept < n_in and decomposed and pred >= target):
-                done = True
-                break
-    arr = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
-    return Trajectory(
-        shape=shape,
-        order=order,
-        n_pruned=arr[:, 0],
-        rank=arr[:, 1],
-        decomposed=arr[:, 2].astype(bool),
-        reduction=arr[:, 3],
-        prune_only_reduction=arr[:, 4],
-        interval=interval,
-        steps=steps,
-        channel_scores=channel_sum(G2 * W * W, n_in).numpy(),
+    run = HeuristicRun(weight, grad, shape, gamma=gamma, prune=prune, decompose=decompose, exact_forward=exact_forward)
+    return run.trajectory(target)
+
+
+def layer_trajectory(
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    shape: ConvShape,
+    target: float,
+    **options: Any,
+) -> Trajectory:
+    """:func:`heuristic_trajectory`, resuming the layer's kept :class:`HeuristicRun` inside a reuse scope."""
+    run = memoized(
+        "cc heuristic",
+        lambda: (fingerprint(weight, grad), repr(shape), tuple(sorted(options.items()))),
+        lambda: HeuristicRun(weight, grad, shape, **options),
     )
+    return run.trajectory(target)

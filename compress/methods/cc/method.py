@@ -28,6 +28,7 @@ from compress.methods.cc.scores import GRADIENT_BATCH_SIZE
 from compress.metrics import count_macs, count_params
 from compress.plan import Plan
 from compress.planning import FilterFn
+from compress.reuse import memoized
 from compress.targets import Target
 from lowrank_deploy.errors import UserInputError
 
@@ -56,13 +57,18 @@ def calibration_batches(
     """
     if data is None:
         return None
-    images, labels = take_samples(data, n)
-    if labels.numel() != images.shape[0]:
-        raise UserInputError(
-            "cc needs labelled calibration data ((images, labels) batches) for its gradients; "
-            "give a labelled DataLoader, or none for the weight-only fallback"
-        )
-    return rebatch(images, labels, batch_size)
+
+    def take() -> tuple[Batches, list[tuple[torch.Tensor, torch.Tensor]]]:
+        images, labels = take_samples(data, n)
+        if labels.numel() != images.shape[0]:
+            raise UserInputError(
+                "cc needs labelled calibration data ((images, labels) batches) for its gradients; "
+                "give a labelled DataLoader, or none for the weight-only fallback"
+            )
+        return data, rebatch(images, labels, batch_size)
+
+    # kept across a latency solve's knob values: the key is the object, held by the stored value
+    return memoized("cc calibration batches", lambda: (id(data), n, batch_size), take)[1]
 
 
 def cc_compress_(

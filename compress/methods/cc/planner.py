@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from compress.factorizations import LayerGeometry
-from compress.methods.cc.allocation import LayerDecision, Trajectory, allocate_reductions, heuristic_trajectory
+from compress.methods.cc.allocation import LayerDecision, Trajectory, allocate_reductions, layer_trajectory
 from compress.methods.cc.config import MAX_RATE, METHOD, THINNING_CONVENTION, WEIGHT_ONLY_WARNING, CollaborativeConfig
 from compress.methods.cc.modules import DECOMP, PRUNE, ConvShape
 from compress.methods.cc.routes import Route, input_routes
@@ -27,9 +27,10 @@ from compress.planning import (
     hw_list,
     keep_entry,
     layer_params,
-    layer_progress,
     one_thread,
 )
+from compress.progress import Progress
+from compress.reuse import fingerprint, memoized
 from lowrank_deploy.errors import CompressionError
 
 __all__ = ["plan_cc"]
@@ -119,8 +120,8 @@ def plan_cc(
             or ``None`` for the weight-only fallback (``G ≡ 1``; the plan warns).
         model_name: Recorded in the plan.
         filter_fn: ``filter_fn(module, path) -> bool``; False leaves the layer untouched.
-        progress: Per-layer progress bar with ETA on stderr over the sensitivity curves (``None``: only when
-            stderr is a terminal).
+        progress: Progress on stderr over the gradients, sensitivity curves and heuristic (:class:`Progress`:
+            ``None`` = a bar on a terminal, throttled lines in a log; ``False``: silent).
 
     Raises:
         CompressionError: nothing to compress, or the target is unreachable (the message gives the maximum).
@@ -159,12 +160,23 @@ def plan_cc(
         grads: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
         warnings.append(WEIGHT_ONLY_WARNING)
     else:
-        stats, calibration = gradient_statistics(model, list(layers), batches)
+        paths, batch_list = list(layers), list(batches)
+        stats, counts = memoized(
+            "cc gradients",
+            lambda: fingerprint(model, paths, batch_list),
+            lambda: gradient_statistics(model, paths, batch_list, progress=progress),
+        )
         grads = dict(stats)
+        calibration = dict(counts)
         calibration.update(source="seeded subset of the training split (B5)", requested=config.calibration_samples)
 
     # producer thinning (§7)
-    routes, note = input_routes(model, example_input, list(layers), producers=[*layers, *frozen])
+    consumers, producers = list(layers), [*layers, *frozen]
+    routes, note = memoized(
+        "cc routes",
+        lambda: fingerprint(model, example_input, consumers, producers),
+        lambda: input_routes(model, example_input, consumers, producers=producers),
+    )
     if note:
         warnings.append(note)
     for path, route in routes.items():
@@ -172,17 +184,9 @@ def plan_cc(
         layers[path].norm_params = sum(2 for n in route.norms if model.get_submodule(n).affine)
 
     # sensitivity curves and fits (§4)
-    bar = layer_progress(len(layers), "cc sensitivity", enabled=progress)
+    bar = Progress(len(layers), "cc sensitivity curves", unit="layer", enabled=progress)
     for layer in layers.values():
-        with one_thread():
-            c, loss = sensitivity_curve(
-                layer.module.weight,
-                grads[layer.path],
-                layer.shape,
-                prune=config.prune,
-                decompose=config.decompose,
-                points=config.curve_points,
-            )
+        c, loss = _curve(layer, grads[layer.path], config)
         layer.points = int(c.size)
         layer.log_a, layer.b = fit_exponential(c, loss)
         if not (math.isfinite(layer.b) and layer.b > 0 and math.isfinite(layer.log_a)):
@@ -221,9 +225,11 @@ def plan_cc(
                 out[layer.path] = layer.trajectory.decide(float(fl), config.round_to)
         return out
 
+    heuristic = Progress(len(fitted), "cc heuristic", unit="layer", enabled=progress)
+
     def run_heuristic(layer: _Layer, target: float) -> None:
         with one_thread():
-            layer.trajectory = heuristic_trajectory(
+            layer.trajectory = layer_trajectory(
                 layer.module.weight,
                 grads[layer.path],
                 layer.shape,
@@ -233,6 +239,7 @@ def plan_cc(
                 decompose=config.decompose,
                 exact_forward=config.exact_forward,
             )
+        heuristic.update(1, layer.path)
 
     # global rate optimisation (§5) and the heuristic (§6)
     if config.flops is not None:
@@ -243,6 +250,7 @@ def plan_cc(
                 f"{100 * most / total_macs:.1f}% of the model's MACs ({100 * MAX_RATE:g}% of each); lower FLOPS"
             )
         f, log_x = solve(budget)
+        heuristic.total = int((f > 0).sum())
         for layer, fl in zip(fitted, f, strict=True):
             if fl > 0:  # f_l only falls with T: these trajectories answer every smaller budget too
                 run_heuristic(layer, float(fl))
@@ -303,6 +311,7 @@ def plan_cc(
                 f"cc: RATIO={config.ratio:g} met only as ×{achieved:.3f} (more than 3% off): the per-layer "
                 "decisions are discrete at this size"
             )
+    heuristic.close()
     for path, d in decisions.items():
         everything[path].decision = d
 
@@ -367,6 +376,23 @@ def plan_cc(
         warnings=warnings,
     )
     return plan
+
+
+def _curve(layer: _Layer, grad: torch.Tensor | None, config: CollaborativeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's sensitivity curve (kept across the knob values of a latency solve: it does not depend on them)."""
+    weight = layer.module.weight
+
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        with one_thread():
+            return sensitivity_curve(
+                weight, grad, layer.shape, prune=config.prune, decompose=config.decompose, points=config.curve_points
+            )
+
+    return memoized(
+        "cc sensitivity",
+        lambda: (fingerprint(weight, grad), repr(layer.shape), config.prune, config.decompose, config.curve_points),
+        compute,
+    )
 
 
 def _layer_entry(layer: _Layer, layers: dict[str, _Layer], out_kept: dict[str, int]) -> LayerPlan:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.progress import Progress
 from lowrank_deploy.errors import UserInputError
 
 __all__ = [
@@ -223,12 +224,18 @@ def gradient_batches(
 
 
 def gradient_statistics(
-    model: nn.Module, paths: Sequence[str], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module,
+    paths: Sequence[str],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    progress: bool | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``G = dL/dW`` of the convs ``paths``: mean over batches of the batch-mean cross-entropy gradient (§3).
 
     The model runs in eval mode (BN uses its running statistics); nothing in it changes (gradients are
     taken with :func:`torch.autograd.grad`, ``.grad`` fields are left alone).
+
+    ``progress`` as :class:`compress.progress.Progress` (``None``: a bar on a terminal, lines in a log).
 
     Returns:
         ``(G per path in float64 on CPU, {"images", "batches"})``.
@@ -243,6 +250,8 @@ def gradient_statistics(
     was_training = model.training
     model.eval()
     n_batches = n_images = 0
+    total = len(batches) if isinstance(batches, Sized) else None
+    bar = Progress(total, "cc gradient statistics", unit="batch", enabled=progress)
     try:
         for w in weights:
             w.requires_grad_(True)
@@ -265,7 +274,9 @@ def gradient_statistics(
                         s += g.detach().to(device="cpu", dtype=torch.float64)
                 n_batches += 1
                 n_images += int(x.shape[0])
+                bar.update(1, f"{n_images} images")
     finally:
+        bar.close()
         for w, flag in zip(weights, flags, strict=True):
             w.requires_grad_(flag)
         model.train(was_training)

@@ -31,6 +31,7 @@ from compress.methods.lrsd.solver import solve_lrsd
 from compress.methods.lrsd.statistics import LayerStats, collect_stats, data_problem, response_error, weight_matrix
 from compress.metrics import count_macs, count_params, trace_geometry
 from compress.planning import layer_progress, planned_module, relative_error, set_submodule
+from compress.reuse import fingerprint, memoized
 from lowrank_deploy.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -156,6 +157,32 @@ def _stat_groups(model: nn.Module, paths: list[str]) -> list[list[str]]:
     return [g for g in groups if g]
 
 
+def _stats(
+    model: nn.Module,
+    paths: list[str],
+    batches: list[torch.Tensor],
+    reference: nn.Module | None,
+    config: LowRankSparseConfig,
+) -> dict[str, LayerStats]:
+    """:func:`collect_stats`, kept across the knob values of a latency solve for the same weights and images.
+
+    Symmetric statistics (dense model only) are computed once per solve; asymmetric ones are found again
+    only where the compressed prefix is the same (the first compressed layer always).
+    """
+    return memoized(
+        "lrsd statistics",
+        lambda: (fingerprint(model, reference, batches), tuple(paths), config.positions_per_image, config.seed),
+        lambda: collect_stats(
+            model,
+            paths,
+            batches,
+            reference=reference,
+            positions_per_image=config.positions_per_image,
+            seed=config.seed,
+        ),
+    )
+
+
 def lrsd_compress_(
     model: nn.Module,
     config: LowRankSparseConfig,
@@ -186,7 +213,7 @@ def lrsd_compress_(
         plan: Re-solve this (saved) plan's layers instead of planning anew: its ranks and cardinalities
             are kept unless ``config.split == "search"``. ``config`` must be the plan's config
             (``LowRankSparseConfig.from_dict(plan.config)``).
-        progress: Per-layer progress bar with ETA on stderr (``None``: only when stderr is a terminal).
+        progress: Per-layer progress with ETA on stderr (``None``: a bar on a terminal, lines in a log; ``False``: off).
 
     Raises:
         UserInputError: empty ``calibration_batches``.
@@ -215,14 +242,7 @@ def lrsd_compress_(
         if config.mode == "asymmetric":
             reference = copy.deepcopy(model)
             for path in todo:
-                stats = collect_stats(
-                    model,
-                    [path],
-                    batches,
-                    reference=reference,
-                    positions_per_image=config.positions_per_image,
-                    seed=config.seed,
-                )[path]
+                stats = _stats(model, [path], batches, reference, config)[path]
                 module = planned_module(model, plan.layer(path), plan)
                 set_submodule(model, path, _solve_layer(module, plan.layer(path), stats, config, search=search))
                 bar.update(1)
@@ -231,9 +251,7 @@ def lrsd_compress_(
             # statistics are collected in groups whose float64 Grams fit in MAX_STATS_BYTES
             pending: dict[str, LowRankSparse] = {}
             for group in _stat_groups(model, todo):
-                group_stats = collect_stats(
-                    model, group, batches, positions_per_image=config.positions_per_image, seed=config.seed
-                )
+                group_stats = dict(_stats(model, group, batches, None, config))  # a copy: the entries are popped
                 for path in group:
                     module = planned_module(model, plan.layer(path), plan)
                     pending[path] = _solve_layer(module, plan.layer(path), group_stats.pop(path), config, search=search)
