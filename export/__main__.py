@@ -121,7 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         with run_lock(args.run_dir):
             return run_cli(args)
     with run_lock(args.run_dir):
+        if _onnx_input_run(args.run_dir):  # MODEL=path/to/model.onnx: agreement with the original ONNX
+            from compress.onnx_in.run import export_onnx_run
+
+            return export_onnx_run(args)
         return _export_run(args)
+
+
+def _onnx_input_run(run_dir: Path) -> bool:
+    """Whether the run was compressed from an ONNX file (:mod:`compress.onnx_in`; False without the compress stage)."""
+    try:
+        from compress.onnx_in.run import is_onnx_run
+    except ImportError:
+        return False
+    return is_onnx_run(run_dir)
 
 
 def _check(path: Path) -> int:

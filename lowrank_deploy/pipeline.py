@@ -139,6 +139,8 @@ def model_name_of(spec: str) -> str:
     if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
         file_part, fn = spec.split(":", 1)
         return f"{Path(file_part).stem}.{fn}"
+    if spec.lower().endswith(".onnx"):  # MODEL=path/to/foo.onnx → OUT/foo/<method>
+        return Path(spec).stem
     return spec
 
 
@@ -150,6 +152,10 @@ def run_dir_of(out: str, model: str, method: str) -> Path:
 def check_model_spec(spec: str) -> str:
     """Refuse a model spec that no loader accepts (checked without building the model)."""
     _no_controls(spec, "MODEL")
+    if spec.lower().endswith(".onnx"):
+        if not Path(spec).is_file():
+            raise UserInputError(f"MODEL ONNX file {spec!r} does not exist; use MODEL=path/to/model.onnx")
+        return spec
     if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
         file_part, fn = spec.split(":", 1)
         if not Path(file_part).is_file():
@@ -274,6 +280,10 @@ def plan_export(values: dict[str, str | None]) -> tuple[Path, list[Stage]]:
     from compress.methods import get_method
 
     get_method(method)
+    if model.lower().endswith(".onnx"):  # compress.onnx_in: refuse what needs the PyTorch model, in one line
+        from compress.onnx_in.run import check_onnx_export
+
+        check_onnx_export(values)
     batch = check_count(values["batch"], "BATCH", high=MAX_BATCH)
     input_size = None
     if values["input_size"] is not None:

@@ -262,5 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserInputError(f"plan {args.plan!r} does not exist; write one with `{PROG} plan`")
         with run_lock(args.run_dir, create=True):
             return run(args, plan_path=args.plan)
+    if args.model.lower().endswith(".onnx"):  # a model given only as ONNX: compress.onnx_in
+        from compress.onnx_in.run import run_onnx
+
+        with run_lock(args.run_dir, create=True):
+            return run_onnx(args)
     with run_lock(args.run_dir, create=True):
         return run(args)

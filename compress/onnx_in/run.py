@@ -1,0 +1,234 @@
+"""The ``MODEL=path/to/model.onnx`` route of the run directory: the compress stage and the export stage's agreement.
+
+``python -m compress run --model m.onnx --method tucker2 --ratio 4 --run-dir D`` (:func:`run_onnx`) writes
+``plan.json``, ``dense.onnx`` (the input, validated: external data inlined, nodes sorted), ``model.onnx``
+(the rewritten graph) and ``compress.json``, whose ``digests`` name those files and whose ``source``
+records the original file and its SHA-256. ``python -m export onnx --run-dir D`` (:func:`export_onnx_run`)
+then measures, with ONNX Runtime on seeded inputs, the **agreement with the original ONNX** of both files
+(``parity.json``, ``"reference": "original ONNX"``): ``dense.onnx`` must reproduce it within the export
+tolerances; ``model.onnx`` is an approximation, so its numbers are recorded, and only non-finite outputs fail.
+The bench, quantize and report stages then run unchanged on the two ONNX files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.onnx_in.core import analyze_onnx, apply_onnx_plan, onnx_agreement, plan_onnx
+from compress.onnx_in.graph import input_specs, load_input_model, ort_run, seeded_feeds
+from compress.onnx_in.planner import check_onnx_method
+from lowrank_deploy.errors import ParityError, UserInputError
+
+__all__ = ["REFERENCE", "SOURCE_KEY", "check_onnx_export", "export_onnx_run", "is_onnx_run", "run_onnx"]
+
+SOURCE_KEY = "source"
+REFERENCE = "original ONNX"
+_PLAN, _DENSE, _MODEL = "plan.json", "dense.onnx", "model.onnx"
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    """One line for each option the ONNX route cannot honour."""
+    check_onnx_method(args.method)
+    if getattr(args, "finetune_epochs", 0) or getattr(args, "train_epochs", 0):
+        raise UserInputError(
+            "training and fine-tuning need the PyTorch model: an ONNX input is compressed post-training only "
+            "(drop TRAIN_EPOCHS/FINETUNE_EPOCHS, or give MODEL=<torchvision name or file.py:function>)"
+        )
+    if getattr(args, "data", None):
+        raise UserInputError(
+            "DATA with an ONNX model is not supported yet (data-aware factors need PyTorch); drop DATA"
+        )
+    if getattr(args, "weights", "auto") not in (None, "auto"):
+        raise UserInputError(f"WEIGHTS={args.weights} does not apply to an ONNX model: its weights are in the file")
+    if getattr(args, "num_classes", None):
+        raise UserInputError("--num-classes does not apply to an ONNX model: its classifier is in the file")
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    """``python -m compress run --model path/to/model.onnx``: plan, rewrite and write the run directory."""
+    from compress.cli.options import config_from_args, target_from_args
+    from export.onnx import save_onnx
+    from lowrank_deploy.integrity import DIGESTS, file_digests, sha256_file
+    from lowrank_deploy.io import ensure_writable_dir
+    from lowrank_deploy.rundir import CompressRecord
+
+    _refuse_unsupported(args)
+    target = target_from_args(args)
+    t0 = time.perf_counter()
+    graph = analyze_onnx(args.model, input_size=args.input_size)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if args.method == "auto" or (target is not None and target.is_latency):
+        from compress.onnx_in.latency import plan_onnx_latency
+
+        plan = plan_onnx_latency(graph, args, target)
+    else:
+        plan = plan_onnx(graph, config_from_args(args))
+    t_plan = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = apply_onnx_plan(graph, plan)
+    t_apply = time.perf_counter() - t0
+    agreement, _, _ = onnx_agreement(graph.model, model, graph.specs, seed=args.seed + 1)
+
+    folder = ensure_writable_dir(args.run_dir)
+    plan.save(folder / _PLAN)  # first: the chain clears the later stages' files (dense/model.onnx too) on it
+    save_onnx(graph.model, folder / _DENSE)
+    save_onnx(model, folder / _MODEL)
+    totals = plan.totals
+    dense = {"params": totals["params_before"], "macs": totals["macs_before"]}
+    comp = {"params": totals["params_after_measured"], "macs": totals["macs_after_measured"]}
+    outputs = [o.name for o in graph.model.graph.output]
+    info: dict[str, Any] = {
+        "model": graph.name,
+        "model_spec": str(args.model),
+        "method": plan.method,
+        "weights": f"onnx:{args.model}",
+        "weights_requested": None,
+        "weights_warning": None,
+        "input_shape": [args.batch, *graph.input_shape[1:]],
+        "num_classes": None,
+        "task": "classification" if len(outputs) == 1 else None,
+        "output_names": outputs,
+        "config": plan.config,
+        "dense": dense,
+        "compressed": comp,
+        "ratios": {
+            "params": dense["params"] / comp["params"],
+            "macs": dense["macs"] / max(comp["macs"], 1),
+            "flops_reduction": 1.0 - comp["macs"] / max(dense["macs"], 1),
+        },
+        "target": plan.target,
+        "layers": {"factorized": len(plan.factorized_layers), "kept": len(plan.layers) - len(plan.factorized_layers)},
+        "agreement": agreement,
+        "wall_s": {"load": t_load, "plan": t_plan, "apply": t_apply, "compress": t_plan + t_apply},
+        "warnings": plan.warnings,
+    }
+    record = CompressRecord.from_dict(info)
+    record.extra[SOURCE_KEY] = {
+        "format": "onnx",
+        "path": str(Path(args.model).resolve()),
+        "sha256": sha256_file(args.model),
+    }
+    record.extra[DIGESTS] = file_digests(folder, (_PLAN, _DENSE, _MODEL))
+    record.write(folder / "compress.json")
+    print(
+        f"{graph.name} (ONNX) / {plan.method}: params {dense['params']:,} → {comp['params']:,} "
+        f"(×{info['ratios']['params']:.2f}), MACs {dense['macs'] / 1e9:.3f}G → {comp['macs'] / 1e9:.3f}G "
+        f"(×{info['ratios']['macs']:.2f}); {info['layers']['factorized']} layers factorized, "
+        f"{info['layers']['kept']} kept; compression {t_plan + t_apply:.2f} s"
+    )
+    print(
+        f"agreement with the original ONNX on 8 seeded inputs: rel L2 {agreement['rel_l2']:.3g}, "
+        f"top-1 agreement {agreement['top1_agreement']:.2f}"
+    )
+    for warning in plan.warnings:
+        print(f"WARNING: {warning}")
+    print(f"wrote {folder}/{{plan.json, compress.json, dense.onnx, model.onnx}}")
+    return 0
+
+
+def is_onnx_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` was written by :func:`run_onnx` (its ``compress.json`` has an ONNX ``source``)."""
+    from lowrank_deploy.io import read_json
+
+    path = Path(run_dir) / "compress.json"
+    if not path.is_file():
+        return False
+    data = read_json(path, what="compress.json")
+    return (
+        isinstance(data, dict) and isinstance(data.get(SOURCE_KEY), dict) and data[SOURCE_KEY].get("format") == "onnx"
+    )
+
+
+def export_onnx_run(args: argparse.Namespace) -> int:
+    """``python -m export onnx --run-dir D`` for an ONNX-input run: agreement of both files with the original."""
+    import onnx
+
+    from export.onnx import graph_summary
+    from export.parity import compare_outputs
+    from lowrank_deploy.integrity import DIGESTS, INPUTS, file_digests, sha256_file, verify_chain
+    from lowrank_deploy.io import read_json
+    from lowrank_deploy.rundir import QUANTIZED_FILES, ParityRecord, RunDir
+
+    run_dir = Path(args.run_dir)
+    verify_chain(run_dir, "export")
+    info = read_json(run_dir / "compress.json", what="compress.json")
+    source = info[SOURCE_KEY]
+    original_path = Path(source["path"])
+    if not original_path.is_file() or sha256_file(original_path) != source.get("sha256"):
+        raise UserInputError(
+            f"the original ONNX {str(original_path)!r} is missing or changed since the compress stage; re-run it"
+        )
+    original = load_input_model(original_path)
+    shape = info.get("input_shape") or []
+    size = int(shape[-1]) if len(shape) == 4 else None
+    specs = input_specs(original, batch=args.batch or int(shape[0] if shape else 1), input_size=size)
+    record: dict[str, Any] = {
+        "opset": next((o.version for o in original.opset_import if o.domain in ("", "ai.onnx")), None),
+        "dynamic_batch": None,
+        "atol": args.atol,
+        "rtol": args.rtol,
+        "reference": REFERENCE,
+        "original_sha256": source["sha256"],
+        INPUTS: file_digests(run_dir, (_PLAN, _DENSE, _MODEL)),
+    }
+    for stale in QUANTIZED_FILES:
+        (run_dir / stale).unlink(missing_ok=True)
+    feeds = [seeded_feeds(specs, seed) for seed in range(4)]
+    reference = [ort_run(original, f) for f in feeds]
+    failures = []
+    for key, name in (("dense", _DENSE), ("compressed", _MODEL)):
+        path = run_dir / name
+        model = onnx.load(str(path))
+        actual = [ort_run(model, f) for f in feeds]
+        ref = np.concatenate([np.concatenate([v.ravel() for v in r.values()]) for r in reference])
+        act = np.concatenate([np.concatenate([v.ravel() for v in a.values()]) for a in actual])
+        result = compare_outputs(ref, act, atol=args.atol, rtol=args.rtol)
+        gated = key == "dense"
+        record[key] = {
+            **result.to_dict(),
+            "reference": REFERENCE,
+            "gated": gated,
+            "onnx_bytes": path.stat().st_size,
+            "graph": graph_summary(model, path=path),
+        }
+        verdict = ("PASS" if result.passed else "FAIL") if gated else "recorded (approximation)"
+        print(
+            f"{key:<10} {name:<11} vs the original ONNX: max_abs {result.max_abs:.3g} rel_l2 {result.rel_l2:.3g} "
+            f"cosine {result.cosine:.6f} — {verdict}"
+        )
+        if gated and not result.passed:
+            failures.append(f"{name}: {result}")
+        if not gated and result.n_nonfinite:
+            failures.append(f"{name}: {result.n_nonfinite} non-finite outputs")
+    record[DIGESTS] = file_digests(run_dir, (_DENSE, _MODEL))
+    path = ParityRecord.from_dict(record).write(RunDir(run_dir).parity_json)
+    print(f"wrote {path}")
+    if failures:
+        raise ParityError(f"agreement with the original ONNX failed for {'; '.join(failures)}")
+    return 0
+
+
+def check_onnx_export(values: dict[str, str | None]) -> None:
+    """``lowrank-deploy export`` with ``MODEL=path/to/model.onnx``: refuse what the ONNX route cannot do, in one line."""
+    check_onnx_method(values.get("method") or "")
+    if values.get("data"):
+        raise UserInputError(
+            "DATA with an ONNX model is not supported yet (data-aware factors need PyTorch); drop DATA"
+        )
+    for key, var in (("train_epochs", "TRAIN_EPOCHS"), ("finetune_epochs", "FINETUNE_EPOCHS")):
+        if (values.get(key) or "0").strip() not in ("0", ""):
+            raise UserInputError(
+                f"{var} needs the PyTorch model: an ONNX input is compressed post-training only; drop {var}"
+            )
+    if (values.get("weights") or "auto") != "auto":
+        raise UserInputError(
+            f"WEIGHTS={values['weights']} does not apply to an ONNX model: its weights are in the file"
+        )
+    if (values.get("backend") or "ort") == "torch":
+        raise UserInputError("BACKEND=torch times PyTorch modules; an ONNX input has none: use BACKEND=ort")
