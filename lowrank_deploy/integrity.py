@@ -35,10 +35,12 @@ __all__ = [
     "DIGESTS",
     "INPUTS",
     "LOCK_FILE",
+    "STAGES",
     "STAGE_OUTPUTS",
     "Terminated",
     "clean_orphans",
     "clear_downstream",
+    "downstream",
     "file_digests",
     "install_signal_handlers",
     "is_orphan",
@@ -63,24 +65,41 @@ ENGINES = ("dense.plan", "model.plan")
 COMPRESS_OUTPUTS = (PLAN, *WEIGHTS)
 
 
-def _stage_outputs() -> dict[str, tuple[str, ...]]:
+def _stages() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     from lowrank_deploy import rundir as rd
 
     sidecars = tuple(n + rd.ENGINE_SIDECAR_SUFFIX for n in (rd.DENSE_ENGINE, rd.MODEL_ENGINE))
-    return {
-        "compress": (rd.PLAN_JSON, rd.DENSE_WEIGHTS, rd.MODEL_WEIGHTS, rd.RAW_WEIGHTS, rd.COMPRESS_JSON),
-        "export": (rd.DENSE_ONNX, rd.MODEL_ONNX, rd.SPARSE_ONNX, rd.PARITY_JSON),
-        "quantize": rd.QUANTIZED_FILES,
-        "engine": (rd.DENSE_ENGINE, rd.MODEL_ENGINE, *sidecars),
-        "profile": ("profile.json", "profile.md"),
-        "bench": (rd.LATENCY_JSON, rd.LATENCY_MD, rd.LATENCY_PNG),
-        "report": (rd.REPORT_JSON, rd.REPORT_MD),
+    return {  # stage: (the files it writes, the stages whose files it reads)
+        "compress": ((rd.PLAN_JSON, rd.DENSE_WEIGHTS, rd.MODEL_WEIGHTS, rd.RAW_WEIGHTS, rd.COMPRESS_JSON), ()),
+        "export": ((rd.DENSE_ONNX, rd.MODEL_ONNX, rd.SPARSE_ONNX, rd.PARITY_JSON), ("compress",)),
+        "quantize": (rd.QUANTIZED_FILES, ("export",)),
+        "engine": ((rd.DENSE_ENGINE, rd.MODEL_ENGINE, *sidecars), ("export", "quantize")),
+        "profile": (("profile.json", "profile.md"), ("export",)),
+        "bench": ((rd.LATENCY_JSON, rd.LATENCY_MD, rd.LATENCY_PNG), ("compress", "export", "quantize", "engine")),
+        "report": ((rd.REPORT_JSON, rd.REPORT_MD), ("compress", "export", "quantize", "bench")),
     }
 
 
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = _stage_outputs()
-"""Stage → the files it writes in a run directory, in chain order: each stage's files are made from those of
-the stages before it, so a stage that starts rewriting makes every later stage's files stale."""
+STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = _stages()
+"""The one stage table of a run directory: stage → (the files it writes, the stages whose files it reads)."""
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {stage: outputs for stage, (outputs, _) in STAGES.items()}
+"""Stage → the files it writes in a run directory (from :data:`STAGES`)."""
+
+
+def downstream(stage: str) -> list[str]:
+    """The stages made, directly or not, from ``stage``'s files (``export`` → quantize, engine, profile, bench, report).
+
+    Raises:
+        KeyError: ``stage`` is not in :data:`STAGES`.
+    """
+    if stage not in STAGES:
+        raise KeyError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    found: list[str] = []
+    for name, (_, reads) in STAGES.items():  # the table is in chain order: readers come after what they read
+        if stage in reads or any(r in found for r in reads):
+            found.append(name)
+    return found
+
 
 _RERUN = {
     "compress": "re-run the compress stage (`lowrank-deploy export` or `python -m compress run`)",
@@ -174,20 +193,25 @@ def verify_chain(run_dir: str | os.PathLike[str], stage: str) -> None:
     _check(folder, _recorded(latency, INPUTS), "latency.json", "bench", actual)
 
 
-def clear_downstream(run_dir: str | os.PathLike[str], stage: str) -> list[str]:
-    """Remove the files of every stage after ``stage`` (:data:`STAGE_OUTPUTS`) before ``stage`` rewrites its own.
+def clear_downstream(run_dir: str | os.PathLike[str], stage: str, *, keep: Iterable[str] = ()) -> list[str]:
+    """Remove the files of every stage made from ``stage``'s (:func:`downstream`), as ``stage`` rewrites its own.
 
     An interrupted re-run then leaves the new upstream files and nothing downstream, never a report or
     latency of the previous run beside a new plan. Call it holding :func:`run_lock`.
+
+    Args:
+        run_dir: The run directory.
+        stage: The stage that rewrites its files (a key of :data:`STAGES`).
+        keep: Names never removed (the file the stage has just written).
 
     Returns:
         The names removed.
 
     Raises:
-        KeyError: ``stage`` is not in :data:`STAGE_OUTPUTS`.
+        KeyError: ``stage`` is not in :data:`STAGES`.
     """
-    names = list(STAGE_OUTPUTS)
-    later = [n for s in names[names.index(stage) + 1 :] for n in STAGE_OUTPUTS[s]]
+    kept = set(keep)  # the file the stage itself just wrote (a compress stage may write an ONNX file)
+    later = [name for after in downstream(stage) for name in STAGE_OUTPUTS[after] if name not in kept]
     removed = []
     folder = Path(run_dir)
     for name in later:
@@ -220,8 +244,14 @@ _held_guard = threading.Lock()
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | os.PathLike[str], *, create: bool = False) -> Iterator[Path | None]:
+def run_lock(
+    run_dir: str | os.PathLike[str], *, create: bool = False, stage: str | None = None
+) -> Iterator[Path | None]:
     """Hold the exclusive lock of a run directory (``RUN_DIR/.lock``) for the block.
+
+    With ``stage`` (a key of :data:`STAGES`), the files of every stage made from its files are removed as soon as
+    the block has put its first file in place (:func:`clear_downstream`, via
+    :func:`lowrank_deploy.io.before_first_write`): a re-run killed mid-way leaves no report of the run before.
 
     Re-entrant within one process (the chained command holds it while its stages take it again). Once
     acquired, orphaned temporary files of earlier killed runs are removed (:func:`clean_orphans`); the
@@ -239,6 +269,24 @@ def run_lock(run_dir: str | os.PathLike[str], *, create: bool = False) -> Iterat
         from lowrank_deploy.io import ensure_writable_dir
 
         ensure_writable_dir(folder)
+    with _locked(folder) as lock, _clearing(folder, stage):
+        yield lock
+
+
+@contextlib.contextmanager
+def _clearing(folder: Path, stage: str | None) -> Iterator[None]:
+    if stage is None:
+        yield
+        return
+    from lowrank_deploy.io import before_first_write
+
+    downstream(stage)  # an unknown stage fails now, not at the first write
+    with before_first_write(folder, lambda first: clear_downstream(folder, stage, keep=(first.name,))):
+        yield
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[Path]:
     key = str(folder.resolve())
     with _held_guard:
         entry = _held.get(key)

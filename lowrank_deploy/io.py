@@ -42,16 +42,16 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
-_first_write: dict[Path, Callable[[], object]] = {}
+_first_write: dict[Path, Callable[[Path], object]] = {}
 
 
 @contextlib.contextmanager
-def before_first_write(folder: str | os.PathLike[str], action: Callable[[], object]) -> Iterator[None]:
+def before_first_write(folder: str | os.PathLike[str], action: Callable[[Path], object]) -> Iterator[None]:
     """Run ``action`` once, as soon as :func:`atomic_path` has put the block's first file into ``folder``.
 
     A stage that fails before a file is in place (a refused input, a full disk) leaves the folder untouched;
-    one that writes runs ``action`` (:func:`lowrank_deploy.integrity.clear_downstream`) right after its first
-    rename, before anything else.
+    one that writes runs ``action(first_file)`` (:func:`lowrank_deploy.integrity.clear_downstream`) right after
+    its first rename, before anything else.
     """
     key = Path(folder).resolve()
     _first_write[key] = action
@@ -85,7 +85,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         if _first_write:
             action = _first_write.pop(dest.parent.resolve(), None)
             if action is not None:
-                action()
+                action(dest)
     finally:
         if tmp.exists():
             tmp.unlink()

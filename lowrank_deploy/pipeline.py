@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import math
 import os
 import re
@@ -386,6 +385,17 @@ def _owned_run_dir(run_dir: Path) -> Iterator[None]:
                     folder.rmdir()
 
 
+def _clearing_downstream(run_dir: Path, stage: str) -> contextlib.AbstractContextManager[None]:
+    """Once ``stage`` has put its first file in ``run_dir``, remove the files of the stages made from its files."""
+    if stage not in STAGE_OUTPUTS:
+        return contextlib.nullcontext()
+
+    def clear(first: Path) -> None:
+        clear_downstream(run_dir, stage, keep=(first.name,))
+
+    return before_first_write(run_dir, clear)
+
+
 def run_stages(run_dir: Path, stages: list[Stage]) -> int:
     """Run ``stages`` in order inside ``run_dir`` (created and locked); a failing stage raises UserInputError.
 
@@ -397,8 +407,7 @@ def run_stages(run_dir: Path, stages: list[Stage]) -> int:
     with _owned_run_dir(run_dir):
         for i, stage in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {stage.name}: {stage.command()}", flush=True)
-            clear = functools.partial(clear_downstream, run_dir, stage.name)
-            with before_first_write(run_dir, clear) if stage.name in STAGE_OUTPUTS else contextlib.nullcontext():
+            with _clearing_downstream(run_dir, stage.name):  # the stage commands do it too (run_lock(stage=))
                 code = stage.run(stage.argv)
             if code:
                 raise UserInputError(f"stage {stage.name} failed with exit code {code}")

@@ -347,19 +347,21 @@ def test_a_killed_rerun_leaves_no_report_of_the_earlier_run(copy_run: Path) -> N
 
 
 def test_clear_downstream_follows_the_stage_table(tmp_path: Path) -> None:
-    from lowrank_deploy.integrity import STAGE_OUTPUTS, clear_downstream
+    from lowrank_deploy.integrity import STAGE_OUTPUTS, clear_downstream, downstream
 
+    assert downstream("compress") == ["export", "quantize", "engine", "profile", "bench", "report"]
+    assert downstream("quantize") == ["engine", "bench", "report"]
+    assert downstream("bench") == ["report"]
+    assert downstream("profile") == downstream("report") == []  # a profile or a report makes nothing stale
     every = [n for names in STAGE_OUTPUTS.values() for n in names]
     for name in [*every, "notes.txt"]:
         (tmp_path / name).write_text("x")
-    removed = clear_downstream(tmp_path, "export")
+    assert clear_downstream(tmp_path, "bench") == list(STAGE_OUTPUTS["report"])
+    removed = clear_downstream(tmp_path, "compress", keep=("model.onnx",))  # what the stage itself just wrote
     assert sorted(removed) == sorted(
-        n for s in ("quantize", "engine", "profile", "bench", "report") for n in STAGE_OUTPUTS[s]
+        set(every) - set(STAGE_OUTPUTS["compress"]) - {"model.onnx", *STAGE_OUTPUTS["report"]}
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [*STAGE_OUTPUTS["compress"], *STAGE_OUTPUTS["export"], "notes.txt"]
-    )
-    assert clear_downstream(tmp_path, "report") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*STAGE_OUTPUTS["compress"], "model.onnx", "notes.txt"])
 
 
 # A quote in OUT is a folder name like any other: one argument, never a shell word ------------------------------
