@@ -113,14 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args.file)
     if args.command == "engine":
-        with run_lock(args.run_dir):
+        with run_lock(args.run_dir, stage="engine"):
             return _build_engines(args)
     if args.command == "quantize":
         from export.quantize import run_cli
 
-        with run_lock(args.run_dir):
+        with run_lock(args.run_dir, stage="quantize"):
             return run_cli(args)
-    with run_lock(args.run_dir):
+    with run_lock(args.run_dir, stage="export"):
         if _onnx_input_run(args.run_dir):  # MODEL=path/to/model.onnx: agreement with the original ONNX
             from compress.onnx_in.run import export_onnx_run
 

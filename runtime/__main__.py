@@ -184,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"bench": _cmd_bench, "report": _cmd_report, "onnx": _cmd_onnx, "env": _cmd_env, "profile": _cmd_profile}
     command = commands[args.command]
-    if args.command in ("bench", "report", "profile"):  # one writer per run directory
-        with run_lock(args.run_dir):
+    if args.command in ("bench", "report", "profile"):  # one writer; what it makes stale goes
+        with run_lock(args.run_dir, stage=args.command):
             return command(args)
     return command(args)
 

@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         return _train(args)
     if args.command == "finetune":
-        with run_lock(args.run_dir):
+        with run_lock(args.run_dir, stage="compress"):  # a new model.safetensors: what was made from it goes
             return _finetune(args)
     if args.command == "eval":
         return _eval(args)
@@ -260,12 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "apply":
         if not Path(args.plan).is_file():
             raise UserInputError(f"plan {args.plan!r} does not exist; write one with `{PROG} plan`")
-        with run_lock(args.run_dir, create=True):
+        with run_lock(args.run_dir, create=True, stage="compress"):
             return run(args, plan_path=args.plan)
     if args.model.lower().endswith(".onnx"):  # a model given only as ONNX: compress.onnx_in
         from compress.onnx_in.run import run_onnx
 
-        with run_lock(args.run_dir, create=True):
+        with run_lock(args.run_dir, create=True, stage="compress"):
             return run_onnx(args)
-    with run_lock(args.run_dir, create=True):
+    with run_lock(args.run_dir, create=True, stage="compress"):
         return run(args)
