@@ -346,6 +346,32 @@ def test_a_killed_rerun_leaves_no_report_of_the_earlier_run(copy_run: Path) -> N
     assert {"plan.json", "compress.json", "dense.safetensors", "model.safetensors"} <= left
 
 
+def test_a_stage_run_on_its_own_clears_what_its_files_make_stale(
+    copy_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+    from runtime.__main__ import main as runtime_main
+
+    (copy_run / "profile.json").write_text("{}")  # made from the ONNX files, not from the benchmark
+    code, err = _call(capsys, runtime_main, ["bench", "--run-dir", str(copy_run), "--duration", "0.2"])
+    assert code == 0, err
+    assert not (copy_run / "report.json").exists()
+    assert (copy_run / "latency.json").is_file()
+    assert (copy_run / "profile.json").is_file()
+    argv = [a if a != "2" else "3" for a in BASE]  # compress alone, another ratio
+    _, stages = plan_export(
+        _resolve(build_parser().parse_args(["export", *argv, "--out", str(copy_run.parents[1])]), {})
+    )
+    code, err = _call(capsys, stages[0].run, stages[0].argv)
+    assert code == 0, err
+    assert {p.name for p in copy_run.iterdir()} == {
+        "plan.json",
+        "compress.json",
+        "dense.safetensors",
+        "model.safetensors",
+    }
+
+
 def test_clear_downstream_follows_the_stage_table(tmp_path: Path) -> None:
     from lowrank_deploy.integrity import STAGE_OUTPUTS, clear_downstream, downstream
 
