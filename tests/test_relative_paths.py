@@ -173,6 +173,11 @@ def test_compress_plan_show_run_apply(
     record = json.loads((case / "work" / "new" / "run" / "compress.json").read_text())
     assert record["model_spec"] == f"{case / 'work' / 'factory' / 'tiny.py'}:tiny_resnet"
     assert record["weights"] == str(case / "work" / "weights.pt")  # the file, whichever way it was named
+    if form == "relative":  # a later stage from another folder rebuilds the model from the recorded spec
+        other_cwd, other = spell(case, case / "work" / "new" / "run", "up")
+        code, _, err = call(capsys, monkeypatch, other_cwd, "export", ["onnx", "--run-dir", other])
+        assert code == 0, err  # was: "model factory file 'factory/tiny.py' does not exist"
+        assert (case / "work" / "new" / "run" / "model.onnx").is_file()
 
     argv = ["apply", *model, "--plan", f"{new}/plan.json", "--run-dir", f"{new}/applied"]
     code, _, err = call(capsys, monkeypatch, cwd, "compress", argv)
