@@ -30,6 +30,7 @@ ENV_INTERVAL = "LOWRANK_DEPLOY_PROGRESS_INTERVAL"
 ENV_MODE = "LOWRANK_DEPLOY_PROGRESS"
 DEFAULT_INTERVAL = 5.0
 PREFIX = "[progress]"
+_LAST_LINE = [0.0]  # perf_counter of the last progress line any stage wrote (a heartbeat stays quiet after one)
 
 
 def progress_interval() -> float:
@@ -167,26 +168,37 @@ class Progress:
     def _write(self, text: str) -> None:
         self._last = time.perf_counter()
         self.lines += 1
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe must not end the stage
-            print(f"{PREFIX} {text}", file=self.stream, flush=True)
+        _emit(text, self.stream)
+
+
+def _emit(text: str, stream: TextIO) -> None:
+    _LAST_LINE[0] = time.perf_counter()
+    with contextlib.suppress(OSError, ValueError):  # a closed pipe must not end the stage
+        print(f"{PREFIX} {text}", file=stream, flush=True)
 
 
 def say(text: str, *, enabled: bool | None = None, stream: TextIO | None = None) -> None:
     """One progress line now (a stage's milestone), on a terminal too; nothing when progress is off."""
     out = stream if stream is not None else sys.stderr
     if _mode(enabled, out) != "off":
-        with contextlib.suppress(OSError, ValueError):
-            print(f"{PREFIX} {text}", file=out, flush=True)
+        _emit(text, out)
 
 
 @contextlib.contextmanager
 def heartbeat(
-    desc: str, *, enabled: bool | None = None, interval: float | None = None, stream: TextIO | None = None
+    desc: str,
+    *,
+    expected: float | None = None,
+    enabled: bool | None = None,
+    interval: float | None = None,
+    stream: TextIO | None = None,
 ) -> Iterator[None]:
     """Write ``desc: still running, N s elapsed`` every ``interval`` s while the block runs (not on a terminal).
 
-    For one opaque call that cannot count its own units (an ONNX export, a parity run, a timing run).
-    A final ``done in`` line follows when at least one line was written.
+    For one opaque call that cannot count its own units (an ONNX export, a parity run, a timing run);
+    ``expected`` (seconds the call should take) adds an ETA. A beat is skipped while another stage's
+    progress lines are being written (a stage with its own lines needs no heartbeat). A final ``done in``
+    line follows when at least one beat was written.
     """
     out = stream if stream is not None else sys.stderr
     every = progress_interval() if interval is None else float(interval)
@@ -199,15 +211,13 @@ def heartbeat(
 
     def beat() -> None:
         while not stop.wait(max(every, 0.01)):
+            now = time.perf_counter()
+            if now - _LAST_LINE[0] < every:
+                continue
+            elapsed = now - start
+            eta = "" if expected is None else f", ETA ≈{duration(max(0.0, expected - elapsed))}"
             written[0] += 1
-            try:
-                print(
-                    f"{PREFIX} {desc}: still running, {duration(time.perf_counter() - start)} elapsed",
-                    file=out,
-                    flush=True,
-                )
-            except (OSError, ValueError):
-                return
+            _emit(f"{desc}: still running, {duration(elapsed)} elapsed{eta}", out)
 
     thread = threading.Thread(target=beat, name=f"heartbeat: {desc}", daemon=True)
     thread.start()
@@ -217,5 +227,4 @@ def heartbeat(
         stop.set()
         thread.join()
         if written[0]:
-            with contextlib.suppress(OSError, ValueError):
-                print(f"{PREFIX} {desc}: done in {duration(time.perf_counter() - start)}", file=out, flush=True)
+            _emit(f"{desc}: done in {duration(time.perf_counter() - start)}", out)

@@ -150,6 +150,7 @@ def _export_run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--batch must be >= 1, got {args.batch}")
     try:
         from compress.artifacts import load_run
+        from compress.progress import heartbeat
     except ImportError as exc:
         raise UserInputError(
             f"compress.artifacts is not available ({exc}); install the compress stage of lowrank-deploy"
@@ -176,18 +177,21 @@ def _export_run(args: argparse.Namespace) -> int:
     for key, filename in OUTPUTS:
         model = run.dense if key == DENSE else run.compressed
         example = torch.zeros(input_shape, dtype=torch.float32)
-        start = time.perf_counter()
-        raw = onnx_from_torch(model, example, opset=max(args.opset, MIN_EXPORT_OPSET), dynamic_batch=args.dynamic_batch)
-        export_s = time.perf_counter() - start
-        start = time.perf_counter()
-        optimized = optimize(raw, opset=args.opset)
-        if key != DENSE:  # Bi-JSVD: two summed conv pairs → one pair of rank r1 + r2, shared factors kept once
-            optimized, _ = merge_model(optimized, shared=True)
-        optimize_s = time.perf_counter() - start
-        path = save_onnx(optimized, run_dir / filename)
-        result = check_onnx_parity(
-            model, path, input_shape=input_shape, atol=args.atol, rtol=args.rtol, raise_on_failure=False
-        )
+        with heartbeat(f"export {key}: ONNX export, optimization and parity"):  # lines in a log (issue 22)
+            start = time.perf_counter()
+            raw = onnx_from_torch(
+                model, example, opset=max(args.opset, MIN_EXPORT_OPSET), dynamic_batch=args.dynamic_batch
+            )
+            export_s = time.perf_counter() - start
+            start = time.perf_counter()
+            optimized = optimize(raw, opset=args.opset)
+            if key != DENSE:  # Bi-JSVD: two summed conv pairs → one pair of rank r1 + r2, shared factors kept once
+                optimized, _ = merge_model(optimized, shared=True)
+            optimize_s = time.perf_counter() - start
+            path = save_onnx(optimized, run_dir / filename)
+            result = check_onnx_parity(
+                model, path, input_shape=input_shape, atol=args.atol, rtol=args.rtol, raise_on_failure=False
+            )
         summary = graph_summary(optimized, path=path)
         record[key] = {
             **result.to_dict(),

@@ -210,10 +210,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cli = vars(args)
     runners = cls.bench_runners(run_dir, **cls.cli_options(cli))
 
+    from compress.progress import heartbeat
     from runtime.jetson import bench_sampler, jetson_record
 
     sampler = bench_sampler(args.tegrastats, interval_ms=args.tegrastats_interval)
-    result = benchmark(runners, _feed_factory(args.batch, args.seed), config, monitor=sampler)
+    with heartbeat(f"bench: timing {', '.join(runners)}", expected=args.duration):  # lines in a log (issue 22)
+        result = benchmark(runners, _feed_factory(args.batch, args.seed), config, monitor=sampler)
     env = capture_environment({**cls.cli_env(cli), "command": "bench", "device": args.device, "seed": args.seed})
     jetson = jetson_record(sampler)
     extra = {"jetson": jetson} if jetson is not None else None
