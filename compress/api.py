@@ -29,6 +29,7 @@ __all__ = [
     "Method",
     "apply_plan_",
     "compress_",
+    "compress_onnx",
     "get_method",
     "method_config",
     "method_for",
@@ -135,6 +136,23 @@ def compress_(
     plan.totals["params_after_measured"] = count_params(model)
     plan.totals["macs_after_measured"] = count_macs(model, example_input)
     return plan
+
+
+def compress_onnx(source: Any, config: Any, **options: Any) -> Any:
+    """Compress a model given only as ONNX (a path or a ``ModelProto``): see :func:`compress.onnx_in.compress_onnx`.
+
+    Args:
+        source: The ``.onnx`` file (external data beside it is read) or a loaded ``ModelProto``.
+        config: A :class:`LowRankConfig` (``tucker2``/``svd``/``tai``/``cp``) or a method name.
+        **options: ``input_size=``, ``filter_fn=``, and config fields when ``config`` is a name (``ratio=4``).
+
+    Returns:
+        :class:`compress.onnx_in.OnnxCompression`: ``.model`` (the rewritten graph), ``.dense`` (the validated
+        original) and ``.plan``.
+    """
+    from compress.onnx_in import compress_onnx as compress_graph
+
+    return compress_graph(source, config, **options)
 
 
 load_methods()
