@@ -224,7 +224,12 @@ def _layer(
         layer.geometry = LayerGeometry(in_hw=in_hw, out_hw=out_hw)
         if bias is not None and bias.dtype != w.dtype:
             bias = None
-        layer.module = _proxy_conv(w, group, bias)
+        module = _proxy_conv(w, group, bias)
+        module.stride = tuple(layer.attrs["strides"])
+        module.dilation = tuple(layer.attrs["dilations"])
+        if not isinstance(pads, str):
+            module.padding = (pads[0], pads[1])  # begin pads: what a chain built for timing uses
+        layer.module = module
         return layer
     if w.ndim != 2:
         return keep(f"{node.op_type} weight of rank {w.ndim}: only 2-D weight matrices are factorized")

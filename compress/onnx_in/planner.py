@@ -20,7 +20,7 @@ from compress.ranks import Candidate, EVBMFRule, RankSelection, rank_rule, selec
 from compress.targets import target_text
 from lowrank_deploy.errors import CompressionError, UserInputError
 
-__all__ = ["ONNX_METHODS", "check_onnx_method", "plan_onnx_layers"]
+__all__ = ["ONNX_METHODS", "check_onnx_method", "layer_entry", "plan_onnx_layers"]
 
 #: Methods that run on ONNX input (``auto`` is handled by :mod:`compress.onnx_in.latency`).
 ONNX_METHODS = CONV_METHODS
@@ -95,7 +95,10 @@ def _skip_reason(
     return None
 
 
-def _entry(layer: OnnxLayer, action: str, ranks: Sequence[int] | None, reason: str | None, **cost: int) -> LayerPlan:
+def layer_entry(
+    layer: OnnxLayer, action: str, ranks: Sequence[int] | None, reason: str | None, **cost: int
+) -> LayerPlan:
+    """The plan entry of one graph layer (``params``/``macs`` after the action; default: unchanged)."""
     module = layer.module
     shape = list(module.weight.shape) if module is not None else []
     geom = layer.geometry
@@ -137,13 +140,13 @@ def plan_onnx_layers(
     candidates: list[Candidate] = []
     for layer in layers:
         if layer.reason is not None or layer.module is None:
-            entries[layer.path] = _entry(layer, KEEP, None, layer.reason or "no usable weight")
+            entries[layer.path] = layer_entry(layer, KEEP, None, layer.reason or "no usable weight")
             continue
         fact = _factorization_for(layer, config, conv)
         shares = (layer.params / max(total_params, 1), layer.macs / max(total_macs, 1))
         reason = _skip_reason(layer, fact, config, stem, shares, filter_fn)
         if reason is not None:
-            entries[layer.path] = _entry(layer, KEEP, None, reason)
+            entries[layer.path] = layer_entry(layer, KEEP, None, reason)
             continue
         candidates.append(Candidate(layer.path, layer.module, fact, layer.geometry, layer.params, layer.macs))
     if not candidates:
@@ -157,10 +160,10 @@ def plan_onnx_layers(
         ranks = selection.ranks[cand.path]
         layer = by_path[cand.path]
         if ranks is None:
-            entry = _entry(layer, KEEP, None, "no parameter gain at the ranks this ratio allows")
+            entry = layer_entry(layer, KEEP, None, "no parameter gain at the ranks this ratio allows")
         else:
             params, macs = cand.cost(ranks)
-            entry = _entry(layer, cand.factorization.name, ranks, None, params=params, macs=macs)
+            entry = layer_entry(layer, cand.factorization.name, ranks, None, params=params, macs=macs)
         entry.info.update(selection.info.get(cand.path, {}), max_ranks=list(cand.max_ranks))
         entries[cand.path] = entry
     ordered = [entries[layer.path] for layer in layers]
