@@ -12,7 +12,6 @@ pooling, anything the proxies do not see) is in every measured and corrected num
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import fnmatch
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.latency.model import LatencyModel
 from compress.onnx_in.core import OnnxGraph
 from compress.onnx_in.graph import seeded_feeds
 from compress.onnx_in.layers import OnnxLayer
@@ -33,7 +33,6 @@ from compress.onnx_in.rewrite import rewrite_graph
 from compress.plan import KEEP, LayerPlan, Plan
 from compress.planning import plan_totals
 from compress.targets import Target
-from lowrank_deploy.errors import UserInputError
 
 __all__ = ["GraphTimer", "ProxyNet", "plan_onnx_latency"]
 
@@ -190,30 +189,38 @@ class GraphTimer:
         return [1e3 * statistics.median(t) for t in times]
 
 
-def plan_onnx_latency(graph: OnnxGraph, args: argparse.Namespace, target: Target | None) -> Plan:
+def plan_onnx_latency(
+    graph: OnnxGraph,
+    config: Any,
+    target: Target | None,
+    *,
+    batch: int = 1,
+    threads: int = 1,
+    latency: LatencyModel | None = None,
+) -> Plan:
     """``METHOD=auto`` (any target) or any ONNX method with ``SPEEDUP=`` / ``LATENCY_MS=``: the plan, with ONNX paths.
 
+    Args:
+        graph: The analysed graph.
+        config: The method's config (``auto``: :class:`~compress.methods.auto.AutoConfig`).
+        target: A latency target (measured against the real graphs), or ``None`` for the config's own target.
+        batch: Batch of block timing and end-to-end measurements.
+        threads: ONNX Runtime intra-op threads of the timing.
+        latency: The latency model (default: ONNX Runtime block timing, this CPU's lookup table, :class:`GraphTimer`).
+
     Raises:
-        UserInputError: int8 latency planning (not supported on ONNX input), or an unreachable target.
+        UserInputError: an unreachable target (the message states the best speedup found).
     """
-    from compress.cli.options import config_from_args
-    from compress.latency import LatencyModel
     from compress.latency.ort_timing import OrtTimer
     from compress.latency.solve import compress_to_latency_
     from compress.methods import get_method
 
-    method = get_method(args.method)
-    config = config_from_args(args)
+    method = get_method(config.method)
     net = ProxyNet(graph).eval()
     config = dataclasses.replace(config, exclude=net.keys_for(getattr(config, "exclude", ())))
     example = torch.zeros(1, *graph.input_shape[1:])
     if target is not None and target.is_latency:
-        if getattr(args, "latency_precision", "fp32") != "fp32":
-            raise UserInputError(
-                "int8 latency planning is not supported on ONNX input yet; drop PRECISION=int8 or SPEEDUP"
-            )
-        threads = getattr(args, "latency_threads", None) or 1
-        latency = LatencyModel(timer=GraphTimer(OrtTimer(threads), graph), batch=args.batch)
+        latency = latency or LatencyModel(timer=GraphTimer(OrtTimer(threads), graph), batch=batch)
         plan = compress_to_latency_(
             method, net, copy.deepcopy(net), config, target, example, model_name=graph.name, latency=latency
         )

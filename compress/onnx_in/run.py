@@ -63,12 +63,16 @@ def run_onnx(args: argparse.Namespace) -> int:
     graph = analyze_onnx(args.model, input_size=args.input_size)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
+    config = config_from_args(args)
     if args.method == "auto" or (target is not None and target.is_latency):
         from compress.onnx_in.latency import plan_onnx_latency
 
-        plan = plan_onnx_latency(graph, args, target)
+        if target is not None and target.is_latency and getattr(args, "latency_precision", "fp32") != "fp32":
+            raise UserInputError("int8 latency planning is not supported on ONNX input yet; drop PRECISION=int8")
+        threads = getattr(args, "latency_threads", None) or 1
+        plan = plan_onnx_latency(graph, config, target, batch=args.batch, threads=threads)
     else:
-        plan = plan_onnx(graph, config_from_args(args))
+        plan = plan_onnx(graph, config)
     t_plan = time.perf_counter() - t0
     t0 = time.perf_counter()
     model = apply_onnx_plan(graph, plan)
@@ -230,5 +234,8 @@ def check_onnx_export(values: dict[str, str | None]) -> None:
         raise UserInputError(
             f"WEIGHTS={values['weights']} does not apply to an ONNX model: its weights are in the file"
         )
+    latency = values.get("speedup") or values.get("latency_ms")
+    if latency and (values.get("precision") or "fp32") == "int8":
+        raise UserInputError("int8 latency planning is not supported on ONNX input yet; drop PRECISION=int8 or SPEEDUP")
     if (values.get("backend") or "ort") == "torch":
         raise UserInputError("BACKEND=torch times PyTorch modules; an ONNX input has none: use BACKEND=ort")

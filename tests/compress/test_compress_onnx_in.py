@@ -372,3 +372,48 @@ def test_make_export_onnx_end_to_end(tmp_path: Path) -> None:
     report = json.loads((run_dir / "report.json").read_text())
     assert report["ratios"]["params"] == pytest.approx(1.5, rel=0.05)
     assert onnx.load(str(run_dir / "dense.onnx")).graph.node == load_input_model(model_path).graph.node
+
+
+# ----------------------------------------------------------------------------------------------- auto and latency
+def _auto_config(**target: float):  # type: ignore[no-untyped-def]
+    from compress.api import method_config
+
+    return method_config("auto", round_to=4, min_rank=4, **target)
+
+
+def test_auto_ratio_on_onnx(hand_file: Path) -> None:
+    from compress.onnx_in.latency import plan_onnx_latency
+
+    graph = analyze_onnx(hand_file)
+    plan = plan_onnx_latency(graph, _auto_config(ratio=1.5), None)
+    assert [e.path for e in plan.layers] == [
+        n.name for n in graph.model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+    ]
+    assert plan.target["achieved_ratio"] >= 1.5 * 0.97
+    assert plan.layer("grouped").action == "keep"  # auto has no candidate for a grouped conv
+    model = apply_onnx_plan(graph, plan)
+    assert plan.totals["params_after_measured"] == plan.totals["params_after"]
+    agreement, _, _ = onnx_agreement(graph.model, model, graph.specs)
+    assert np.isfinite(agreement["rel_l2"])
+
+
+def test_speedup_target_times_the_real_graphs(hand_file: Path, tmp_path: Path) -> None:
+    from compress.latency import LatencyModel
+    from compress.latency.table import LatencyTable
+    from compress.onnx_in.latency import GraphTimer, ProxyNet, plan_onnx_latency
+    from compress.targets import Target
+    from tests.compress.test_compress_latency import FakeTimer
+
+    graph = analyze_onnx(hand_file)
+    timer = GraphTimer(FakeTimer(), graph)
+    measured = timer.measure([ProxyNet(graph)], [2, 3, 16, 16], repeats=2)
+    assert len(measured) == 1
+    assert measured[0] > 0
+    latency = LatencyModel(timer, LatencyTable(tmp_path / "lut.json"))
+    plan = plan_onnx_latency(graph, _auto_config(speedup=1.2), Target("speedup", 1.2), latency=latency)
+    record = plan.target["latency_target"]
+    assert record["dense_ms"] > 0
+    assert record["measured_ms"] > 0
+    assert record["rounds"]
+    assert {e.path for e in plan.factorized_layers} <= {"conv_a", "dilated", "pointwise", "fc1", "mm", "fc2"}
+    apply_onnx_plan(graph, plan)
