@@ -315,3 +315,20 @@ def test_lowrank_deploy_compare(
     assert all(entry["error"] is None for entry in record["methods"].values())
     assert record["dense"]["latency_ms"]["p50"] > 0
     assert_no_doubled_path(case)
+
+
+def test_latency_table_in_a_relative_cache_folder(
+    case: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOWRANK_DEPLOY_CACHE", "./cache")  # relative to the folder the command runs in
+    cwd, factory = spell(case, case / "work" / "factory" / "tiny.py", "up")
+    _, run = spell(case, case / "work" / "lat", "up")
+    argv = ["run", "--model", f"{factory}:tiny_resnet", "--weights", "random", "--input-size", "32"]
+    argv += ["--speedup", "1.1", "--latency-threads", "1", "--round-to", "2", "--min-rank", "2", "--run-dir", run]
+    code, _, err = call(capsys, monkeypatch, cwd, "compress", argv)
+    assert code == 0, err
+    tables = list((case / "sibling" / "cache").glob("latency-*.json"))
+    assert len(tables) == 1
+    plan = json.loads((case / "work" / "lat" / "plan.json").read_text())
+    assert plan["target"]["latency_model"]["table"]["path"] == str(tables[0])  # absolute: readable from anywhere
+    assert_no_doubled_path(case)

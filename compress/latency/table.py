@@ -197,5 +197,5 @@ class LatencyTable:
 
     def to_dict(self) -> dict[str, Any]:
         """What a report records: the file (``None`` when the table lived in memory) and its size."""
-        path = None if self.path is None or self.unwritable is not None else str(self.path)
+        path = None if self.path is None or self.unwritable is not None else os.path.abspath(self.path)  # any cwd
         return {"path": path, "entries": len(self), "dropped": self.dropped, "unwritable": self.unwritable}
