@@ -249,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = target_from_args(args)
         if target is not None and target.is_latency and target.kind not in get_method(args.method).target_fields:
             raise UserInputError(f"{target.text()} is reached by measuring compressed models: use `{PROG} run`")
+        if args.model.lower().endswith(".onnx"):  # a model given only as ONNX: compress.onnx_in
+            from compress.onnx_in.run import plan_onnx_cli
+
+            return plan_onnx_cli(args)
         loaded, example, _, _ = load(args)
         with _plan_latency(args, target):
             plan = get_method(config.method).plan(loaded.model, config, example, model_name=loaded.name)
@@ -261,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(args.plan).is_file():
             raise UserInputError(f"plan {args.plan!r} does not exist; write one with `{PROG} plan`")
         with run_lock(args.run_dir, create=True, stage="compress"):
+            if args.model.lower().endswith(".onnx"):
+                from compress.onnx_in.run import run_onnx
+
+                return run_onnx(args, plan_path=args.plan)
             return run(args, plan_path=args.plan)
     if args.model.lower().endswith(".onnx"):  # a model given only as ONNX: compress.onnx_in
         from compress.onnx_in.run import run_onnx

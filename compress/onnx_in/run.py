@@ -22,9 +22,18 @@ import numpy as np
 from compress.onnx_in.core import analyze_onnx, apply_onnx_plan, onnx_agreement, plan_onnx
 from compress.onnx_in.graph import input_specs, load_input_model, ort_run, seeded_feeds
 from compress.onnx_in.planner import check_onnx_method
+from compress.plan import Plan
 from lowrank_deploy.errors import ParityError, UserInputError
 
-__all__ = ["REFERENCE", "SOURCE_KEY", "check_onnx_export", "export_onnx_run", "is_onnx_run", "run_onnx"]
+__all__ = [
+    "REFERENCE",
+    "SOURCE_KEY",
+    "check_onnx_export",
+    "export_onnx_run",
+    "is_onnx_run",
+    "plan_onnx_cli",
+    "run_onnx",
+]
 
 SOURCE_KEY = "source"
 REFERENCE = "original ONNX"
@@ -49,30 +58,33 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
         raise UserInputError("--num-classes does not apply to an ONNX model: its classifier is in the file")
 
 
-def run_onnx(args: argparse.Namespace) -> int:
-    """``python -m compress run --model path/to/model.onnx``: plan, rewrite and write the run directory."""
+def run_onnx(args: argparse.Namespace, plan_path: str | None = None) -> int:
+    """``python -m compress run|apply --model path/to/model.onnx``: plan (or read ``plan_path``), rewrite, write the run."""
     from compress.cli.options import config_from_args, target_from_args
     from export.onnx import save_onnx
     from lowrank_deploy.integrity import DIGESTS, file_digests, sha256_file
     from lowrank_deploy.io import ensure_writable_dir
     from lowrank_deploy.rundir import CompressRecord
 
+    if plan_path is not None:
+        args.method = Plan.load(plan_path).method
     _refuse_unsupported(args)
-    target = target_from_args(args)
+    target = None if plan_path is not None else target_from_args(args)
     t0 = time.perf_counter()
     graph = analyze_onnx(args.model, input_size=args.input_size)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    config = config_from_args(args)
-    if args.method == "auto" or (target is not None and target.is_latency):
+    if plan_path is not None:
+        plan = Plan.load(plan_path)
+    elif args.method == "auto" or (target is not None and target.is_latency):
         from compress.onnx_in.latency import plan_onnx_latency
 
         if target is not None and target.is_latency and getattr(args, "latency_precision", "fp32") != "fp32":
             raise UserInputError("int8 latency planning is not supported on ONNX input yet; drop PRECISION=int8")
         threads = getattr(args, "latency_threads", None) or 1
-        plan = plan_onnx_latency(graph, config, target, batch=args.batch, threads=threads)
+        plan = plan_onnx_latency(graph, config_from_args(args), target, batch=args.batch, threads=threads)
     else:
-        plan = plan_onnx(graph, config)
+        plan = plan_onnx(graph, config_from_args(args))
     t_plan = time.perf_counter() - t0
     t0 = time.perf_counter()
     model = apply_onnx_plan(graph, plan)
@@ -133,6 +145,29 @@ def run_onnx(args: argparse.Namespace) -> int:
     for warning in plan.warnings:
         print(f"WARNING: {warning}")
     print(f"wrote {folder}/{{plan.json, compress.json, dense.onnx, model.onnx}}")
+    return 0
+
+
+def plan_onnx_cli(args: argparse.Namespace) -> int:
+    """``python -m compress plan --model path/to/model.onnx --out plan.json``: only the plan."""
+    from compress.cli.options import config_from_args, target_from_args
+
+    _refuse_unsupported(args)
+    target = target_from_args(args)
+    if target is not None and target.is_latency:
+        raise UserInputError(f"{target.text()} is reached by measuring compressed models: use `python -m compress run`")
+    graph = analyze_onnx(args.model, input_size=args.input_size)
+    config = config_from_args(args)
+    if args.method == "auto":
+        from compress.onnx_in.latency import plan_onnx_latency
+
+        plan = plan_onnx_latency(graph, config, None)
+    else:
+        plan = plan_onnx(graph, config)
+    plan.save(args.out)
+    print(
+        f"wrote {args.out}: {len(plan.factorized_layers)} layers factorized, ratio ×{plan.target['achieved_ratio']:.2f}"
+    )
     return 0
 
 

@@ -417,3 +417,59 @@ def test_speedup_target_times_the_real_graphs(hand_file: Path, tmp_path: Path) -
     assert record["rounds"]
     assert {e.path for e in plan.factorized_layers} <= {"conv_a", "dilated", "pointwise", "fc1", "mm", "fc2"}
     apply_onnx_plan(graph, plan)
+
+
+# ----------------------------------------------------------------------------------------------- command lines
+def test_compress_plan_then_apply_on_onnx(hand_file: Path, tmp_path: Path) -> None:
+    from compress.cli import main
+    from compress.plan import Plan
+
+    plan_path = tmp_path / "plan.json"
+    args = ["--model", str(hand_file), "--method", "tai", "--ratio", "1.5", "--round-to", "1", "--min-rank", "1"]
+    assert main(["plan", *args, "--out", str(plan_path)]) == 0
+    plan = Plan.load(plan_path)
+    plan.layer("conv_a").ranks = [4]  # hand-edited
+    plan.save(plan_path)
+    run_dir = tmp_path / "run"
+    assert main(["apply", "--model", str(hand_file), "--plan", str(plan_path), "--run-dir", str(run_dir)]) == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == ["compress.json", "dense.onnx", "model.onnx", "plan.json"]
+    model = onnx.load(str(run_dir / "model.onnx"))
+    first = next(n for n in model.graph.node if n.input[0] == "r0")  # conv_a's vertical conv reads relu0
+    assert numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == first.input[1])).shape == (
+        4,
+        32,
+        3,
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "lrsd"], "METHOD=lrsd cannot compress an ONNX model"),
+        (["--finetune-epochs", "1"], "FINETUNE_EPOCHS needs the PyTorch model"),
+        (["--weights", "imagenet"], "does not apply to an ONNX model"),
+        (["--backend", "torch"], "BACKEND=torch"),
+    ],
+)
+def test_lowrank_deploy_refuses_onnx_options_before_writing(
+    hand_file: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+
+    out = tmp_path / "out"
+    argv = ["export", "--model", str(hand_file), "--out", str(out), *extra]
+    with pytest.raises(UserInputError, match=message):
+        plan_export(_resolve(build_parser().parse_args(argv), {}))
+    assert not out.exists()
+
+
+def test_lowrank_deploy_onnx_run_dir_is_named_after_the_file(hand_file: Path, tmp_path: Path) -> None:
+    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+
+    argv = ["export", "--model", str(hand_file), "--method", "svd", "--out", str(tmp_path)]
+    run_dir, stages = plan_export(_resolve(build_parser().parse_args(argv), {}))
+    assert run_dir == tmp_path / "hand" / "svd"
+    assert [s.name for s in stages] == ["compress", "export", "bench", "report"]
+    with pytest.raises(UserInputError, match="does not exist"):
+        plan_export(_resolve(build_parser().parse_args([*argv[:2], str(tmp_path / "nope.onnx"), *argv[3:]]), {}))
