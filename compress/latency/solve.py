@@ -281,7 +281,10 @@ def _bisect(
     top = evaluate(hi)
     if top is not None and top.predicted_ms <= aim:
         best = top
-    for _ in range(BISECTION_STEPS):
+    # the knob's far end is its fastest plan: when even that misses the aim, no step in between meets it
+    # (LRSD's dense S branch, for one, keeps every plan near the dense latency), so no full plans are spent
+    far_end_misses = top is not None and top.predicted_ms > aim
+    for _ in range(0 if far_end_misses else BISECTION_STEPS):
         mid = (lo + hi) / 2.0
         outcome = evaluate(mid)
         if outcome is not None and (fastest is None or outcome.predicted_ms < fastest.predicted_ms):
