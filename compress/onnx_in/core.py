@@ -114,7 +114,7 @@ def onnx_config(method: str | Any, **options: Any) -> LowRankConfig:
         return method
     check_onnx_method(method)
     if method == "auto":
-        raise UserInputError("METHOD=auto on ONNX input plans for a latency target: use compress.onnx_in.latency")
+        raise UserInputError("METHOD=auto on ONNX input is planned by compress_onnx or compress.onnx_in.latency")
     from compress.api import method_config
 
     return method_config(method, **options)
@@ -167,7 +167,7 @@ def _size(specs: Sequence[InputSpec]) -> int | None:
 
 def compress_onnx(
     source: Source,
-    config: LowRankConfig | str,
+    config: Any,
     *,
     input_size: int | None = None,
     filter_fn: LayerFilter | None = None,
@@ -177,8 +177,9 @@ def compress_onnx(
 
     Args:
         source: A path to an ``.onnx`` file (external data beside it is read) or a ``ModelProto``.
-        config: A :class:`~compress.methods.lowrank.LowRankConfig` or a method name (``tucker2``, ``svd``,
-            ``tai``, ``cp``); with a name, ``options`` are its config fields (``ratio=4``, ``flops=0.5``,
+        config: A :class:`~compress.methods.lowrank.LowRankConfig`, an ``AutoConfig``, or a method name
+            (``tucker2``, ``svd``, ``tai``, ``cp``, ``auto``; ``auto`` also takes ``speedup=``/``latency_ms=``, timed
+            on the real graphs with ONNX Runtime); with a name, ``options`` are its config fields (``ratio=4``, ``flops=0.5``,
             ``rank_rule="evbmf"``, ``round_to=8``, …).
         input_size: Height and width for an input with symbolic spatial dims.
         filter_fn: ``filter_fn(layer) -> bool``; layers where it returns False stay dense.
@@ -192,7 +193,16 @@ def compress_onnx(
         CompressionError: nothing to compress or an unreachable target.
     """
     graph = analyze_onnx(source, input_size=input_size)
-    plan = plan_onnx(graph, config, filter_fn=filter_fn, **options)
+    if config == "auto" or getattr(config, "method", None) == "auto":  # the knapsack over candidate blocks
+        from compress.api import method_config
+        from compress.onnx_in.latency import plan_onnx_latency
+
+        if filter_fn is not None:
+            raise UserInputError("METHOD=auto on ONNX input takes exclude= patterns, not filter_fn")
+        auto = method_config("auto", **options) if config == "auto" else config
+        plan = plan_onnx_latency(graph, auto, auto.target if auto.target.is_latency else None)
+    else:
+        plan = plan_onnx(graph, config, filter_fn=filter_fn, **options)
     model = apply_onnx_plan(graph, plan)
     return OnnxCompression(model=model, dense=graph.model, plan=plan, graph=graph)
 

@@ -473,3 +473,10 @@ def test_lowrank_deploy_onnx_run_dir_is_named_after_the_file(hand_file: Path, tm
     assert [s.name for s in stages] == ["compress", "export", "bench", "report"]
     with pytest.raises(UserInputError, match="does not exist"):
         plan_export(_resolve(build_parser().parse_args([*argv[:2], str(tmp_path / "nope.onnx"), *argv[3:]]), {}))
+
+
+def test_compress_onnx_takes_auto_by_name(hand_file: Path) -> None:
+    result = compress_onnx(hand_file, "auto", ratio=1.5, round_to=4, min_rank=4)
+    assert result.plan.method == "auto"
+    assert result.plan.totals["params_after_measured"] == result.plan.totals["params_after"]
+    assert result.plan.target["achieved_ratio"] >= 1.5 * 0.97
