@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,9 @@ def train_dense(args: argparse.Namespace, loaded: Any, dataset: Any, method: Any
         result = train_model(loaded.model, dataset, train_cfg, folder, meta=meta, device=args.device)
         wall, resumed = result.wall_s, result.resumed_from_epoch
     loaded.model.cpu().eval()
-    loaded.weights = f"trained:{folder / 'model.safetensors'}"
+    loaded.weights = f"trained:{os.path.abspath(folder / 'model.safetensors')}"  # as a weights file: absolute
     loaded.warning = None
-    out = {"dir": str(folder), "epochs": args.train_epochs, "wall_s": wall, "resumed_from_epoch": resumed}
+    out = {"dir": os.path.abspath(folder), "epochs": args.train_epochs, "wall_s": wall, "resumed_from_epoch": resumed}
     if record:
         out["overparameterized"] = record
     return out
