@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,8 +236,11 @@ class HeuristicRun:
         n_pruned, _, decomposed, red, pred = row
         return red >= target or (n_pruned > 0 and decomposed and pred >= target)
 
-    def extend(self, target: float) -> None:
-        """Run on until a removal meets ``target`` (or no candidate is left)."""
+    def extend(self, target: float, on_step: Callable[[int, float], None] | None = None) -> None:
+        """Run on until a removal meets ``target`` (or no candidate is left).
+
+        ``on_step(steps, reached)`` is called after each scoring step with the share of ``target`` removed.
+        """
         if target <= 0 or self.exhausted or any(self._stops(row, target) for row in self.rows):
             return
         shape, n_in, taps, n_out = self.shape, self.shape.in_channels, self.shape.taps, self.shape.out_channels
@@ -254,6 +257,8 @@ class HeuristicRun:
                     self.exhausted = True
                     return
                 self.steps += 1
+                if on_step is not None and self.rows:
+                    on_step(self.steps, self.rows[-1][3] / target)
             while self.pending:
                 u = self.pending.pop(0)
                 if u < n_in:
@@ -276,9 +281,9 @@ class HeuristicRun:
                 if self._stops(row, target):
                     return
 
-    def trajectory(self, target: float) -> Trajectory:
+    def trajectory(self, target: float, on_step: Callable[[int, float], None] | None = None) -> Trajectory:
         """The trajectory a fresh run of the heuristic to ``target`` gives (extending this run as needed)."""
-        self.extend(target)
+        self.extend(target, on_step)
         end, steps = 0, 0
         if target > 0:
             hit = next((i for i, row in enumerate(self.rows) if self._stops(row, target)), None)
@@ -338,12 +343,16 @@ def layer_trajectory(
     grad: torch.Tensor | None,
     shape: ConvShape,
     target: float,
+    on_step: Callable[[int, float], None] | None = None,
     **options: Any,
 ) -> Trajectory:
-    """:func:`heuristic_trajectory`, resuming the layer's kept :class:`HeuristicRun` inside a reuse scope."""
+    """:func:`heuristic_trajectory`, resuming the layer's kept :class:`HeuristicRun` inside a reuse scope.
+
+    ``on_step`` as in :meth:`HeuristicRun.extend` (progress of a long layer).
+    """
     run = memoized(
         "cc heuristic",
         lambda: (fingerprint(weight, grad), repr(shape), tuple(sorted(options.items()))),
         lambda: HeuristicRun(weight, grad, shape, **options),
     )
-    return run.trajectory(target)
+    return run.trajectory(target, on_step)

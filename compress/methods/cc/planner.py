@@ -234,6 +234,7 @@ def plan_cc(
                 grads[layer.path],
                 layer.shape,
                 target,
+                lambda steps, reached: heuristic.note(f"{layer.path}: step {steps}, {reached:.0%} of its target"),
                 gamma=config.gamma,
                 prune=config.prune,
                 decompose=config.decompose,
