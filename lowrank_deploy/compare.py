@@ -87,10 +87,10 @@ def run_compare(values: Mapping[str, str | None]) -> dict[str, Any]:
         print(f"== compare [{i}/{len(methods)}] {method} → {run_dir}", flush=True)
         try:
             run_stages(run_dir, stages)
-            outcomes[method] = {"run_dir": str(run_dir), "error": None}
+            outcomes[method] = {"run_dir": os.path.abspath(run_dir), "error": None}  # compare.json: any cwd
         except LowrankDeployError as exc:
             print(f"compare: {method} failed: {exc}", file=sys.stderr, flush=True)
-            outcomes[method] = {"run_dir": str(run_dir), "error": str(exc).splitlines()[0]}
+            outcomes[method] = {"run_dir": os.path.abspath(run_dir), "error": str(exc).splitlines()[0]}
     done = [m for m, o in outcomes.items() if o["error"] is None]
     if not done:
         raise UserInputError(

@@ -317,7 +317,10 @@ def test_lowrank_deploy_compare(
     code, _, err = call(capsys, monkeypatch, cwd, "lowrank-deploy", [*argv, "--compress-args", COMPRESS_ARGS])
     assert code == 0, err
     record = json.loads((case / "work" / "cmp" / MODEL / "compare.json").read_text())
-    assert all(entry["error"] is None for entry in record["methods"].values())
+    for method, entry in record["methods"].items():
+        assert entry["error"] is None
+        assert entry["run_dir"] == str(case / "work" / "cmp" / MODEL / method)  # absolute: readable from any folder
+        assert (case / "work" / "cmp" / MODEL / method / "model.onnx").is_file()
     assert record["dense"]["latency_ms"]["p50"] > 0
     assert_no_doubled_path(case)
 
