@@ -135,7 +135,9 @@ def test_lrsd_solve_writes_progress_lines(mode: str | None, capsys) -> None:
     planned = len(plan.factorized_layers)
     assert planned == 4
     lines = _eta_lines(err, "lrsd solve")
-    assert [line.split(": ", 1)[1].split(" ", 1)[0] for line in lines] == [f"{i}/{planned}" for i in range(1, 5)]
+    counts = [line.split(": ", 1)[1].split(" ", 1)[0] for line in lines]
+    assert {f"{i}/{planned}" for i in range(1, planned + 1)} <= set(counts)
+    assert any("final solve r=" in line for line in lines)  # a long layer's own steps are told too
 
 
 def test_training_writes_epoch_batch_loss_and_eta_lines(capsys) -> None:

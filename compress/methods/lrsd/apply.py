@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,8 +62,13 @@ def _solve_layer(
     cfg: LowRankSparseConfig,
     *,
     search: bool,
+    note: Callable[[str], None] | None = None,
 ) -> LowRankSparse:
-    """Solve one layer (optionally searching the r/c split), record the facts in ``entry``, build the module."""
+    """Solve one layer (optionally searching the r/c split), record the facts in ``entry``, build the module.
+
+    ``note(text)`` is told each split trial and the final solve (progress of a long layer).
+    """
+    say = note or (lambda _text: None)
     W = weight_matrix(module).to(torch.float64)
     target, metric = data_problem(W, stats, cfg.lam)
     m, k, _, taps = matrix_dims(module)
@@ -81,6 +86,7 @@ def _solve_layer(
             c = card_for(m, k, budget, r, charge_index=cfg.charge_index, max_card=max_card)
             if r == 0 and c == 0:
                 continue
+            say(f"{entry.path}: split trial r={r}, c={c}")
             res = solve_lrsd(target, r, c, metric=metric, taps=taps, iters=cfg.split_iters, **opts)
             err = response_error(W, res.approx, stats)
             trials.append({"rank": r, "cardinality": c, "response_error": err})
@@ -88,6 +94,7 @@ def _solve_layer(
                 best = (err, r, c)
         if best is not None:
             rank, card = best[1], best[2]
+    say(f"{entry.path}: final solve r={rank}, c={card}")
     result = solve_lrsd(target, rank, card, metric=metric, taps=taps, iters=cfg.iters, **opts)
     card = int((result.S != 0).sum()) if card else 0
     if search or card != int(entry.info["cardinality"]):
@@ -233,7 +240,9 @@ def lrsd_compress_(
         with layer_progress(len(plan.factorized_layers), "lrsd solve", enabled=progress) as bar:
             for entry in plan.factorized_layers:
                 module = planned_module(model, entry, plan)
-                set_submodule(model, entry.path, _solve_layer(module, entry, None, config, search=search))
+                set_submodule(
+                    model, entry.path, _solve_layer(module, entry, None, config, search=search, note=bar.note)
+                )
                 bar.update(1)
     else:
         _, order, _ = trace_geometry(model, example_input)
@@ -244,7 +253,9 @@ def lrsd_compress_(
             for path in todo:
                 stats = _stats(model, [path], batches, reference, config)[path]
                 module = planned_module(model, plan.layer(path), plan)
-                set_submodule(model, path, _solve_layer(module, plan.layer(path), stats, config, search=search))
+                set_submodule(
+                    model, path, _solve_layer(module, plan.layer(path), stats, config, search=search, note=bar.note)
+                )
                 bar.update(1)
         else:
             # symmetric: every layer sees dense inputs, so replacements are installed only at the end;
@@ -254,7 +265,9 @@ def lrsd_compress_(
                 group_stats = dict(_stats(model, group, batches, None, config))  # a copy: the entries are popped
                 for path in group:
                     module = planned_module(model, plan.layer(path), plan)
-                    pending[path] = _solve_layer(module, plan.layer(path), group_stats.pop(path), config, search=search)
+                    pending[path] = _solve_layer(
+                        module, plan.layer(path), group_stats.pop(path), config, search=search, note=bar.note
+                    )
                     bar.update(1)
             for path, new in pending.items():
                 set_submodule(model, path, new)
