@@ -30,6 +30,7 @@ ENV_INTERVAL = "LOWRANK_DEPLOY_PROGRESS_INTERVAL"
 ENV_MODE = "LOWRANK_DEPLOY_PROGRESS"
 DEFAULT_INTERVAL = 5.0
 PREFIX = "[progress]"
+RECENT_UNITS = 3  # the ETA's rate is measured over the last this many updates
 _LAST_LINE = [0.0]  # perf_counter of the last progress line any stage wrote (a heartbeat stays quiet after one)
 
 
@@ -95,6 +96,7 @@ class Progress:
         self.done = 0
         self.note_text = ""
         self.start = self._last = time.perf_counter()
+        self._marks: list[tuple[float, int]] = [(self.start, 0)]  # (time, units done) of the last updates
         self.lines = 0
         self._closed = False
         self._bar: Any = None
@@ -115,14 +117,23 @@ class Progress:
         return time.perf_counter() - self.start
 
     def eta(self) -> float | None:
-        """Seconds left at the mean rate so far (``None`` without a total or before the first unit)."""
+        """Seconds left at the rate of the last few units (``None`` without a total or before the first unit).
+
+        The recent rate, not the mean since the start: a first unit that also filled a cache (the latency
+        solver's first knob value) would otherwise inflate every later ETA.
+        """
         if not self.total or self.done <= 0:
             return None
-        return self.elapsed / self.done * max(0, self.total - self.done)
+        (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
+        rate = (t1 - t0) / (n1 - n0) if n1 > n0 else self.elapsed / self.done
+        return rate * max(0, self.total - self.done)
 
     def update(self, n: int = 1, note: str | None = None, *, force: bool = False) -> None:
         """``n`` more units done; ``note`` replaces the line's detail; ``force`` writes a line now (not throttled)."""
         self.done += n
+        if n > 0:
+            self._marks.append((time.perf_counter(), self.done))
+            del self._marks[: -(RECENT_UNITS + 1)]
         if note is not None:
             self.note_text = note
         if self._bar is not None:

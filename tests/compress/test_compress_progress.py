@@ -96,6 +96,16 @@ def test_progress_writes_throttled_lines_with_an_eta_and_a_final_line_in_a_log()
     assert off.getvalue() == ""
 
 
+def test_the_eta_follows_the_recent_rate_not_a_slow_first_unit(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr("compress.progress.time.perf_counter", lambda: clock[0])
+    bar = Progress(10, "solve", interval=3600, stream=io.StringIO())
+    for seconds in (100.0, 1.0, 1.0, 1.0):  # the first step fills the caches, the others reuse them
+        clock[0] += seconds
+        bar.update(1)
+    assert bar.eta() == pytest.approx(6.0)  # 6 steps left at 1 s each (the mean would say 61.8 s)
+
+
 def test_progress_on_a_terminal_is_a_bar_and_the_heartbeat_stays_off_there() -> None:
     tty = _Tty()
     with Progress(3, "stage", unit="layer", interval=0, stream=tty) as bar:
