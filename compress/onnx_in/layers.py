@@ -160,11 +160,18 @@ def find_layers(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> l
     graph_inputs = {i.name for i in graph.input}
     producers = {out: node for node in graph.node for out in node.output}
     uses = _consumers(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     layers: list[OnnxLayer] = []
     for index, node in enumerate(graph.node):
         if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        layers.append(_layer(index, node, inits, graph_inputs, producers, uses, shapes))
+        layer = _layer(index, node, inits, graph_inputs, producers, uses, shapes)
+        if node.op_type == "Gemm" and opset < 11 and layer.reason is None:
+            layer.reason, layer.module = (
+                f"opset {opset} < 11: a Gemm without a bias (the first of a chain) needs opset 11",
+                None,
+            )
+        layers.append(layer)
     return layers
 
 

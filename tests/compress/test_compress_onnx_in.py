@@ -480,3 +480,34 @@ def test_compress_onnx_takes_auto_by_name(hand_file: Path) -> None:
     assert result.plan.method == "auto"
     assert result.plan.totals["params_after_measured"] == result.plan.totals["params_after"]
     assert result.plan.target["achieved_ratio"] >= 1.5 * 0.97
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_auto_pad_convs_are_rewritten_exactly(mode: str) -> None:
+    rng = np.random.default_rng(3)
+    node = helper.make_node(
+        "Conv", ["x", "w", "b"], ["y"], name="conv", auto_pad=mode, strides=[2, 2], kernel_shape=[3, 3]
+    )
+    graph = helper.make_graph(
+        [node],
+        "autopad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 15, 15])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, None, None])],
+        [_init(rng, "w", 32, 16, 3, 3), _init(rng, "b", 32)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    g = analyze_onnx(model)
+    for method in ("tai", "svd", "tucker2"):
+        plan = plan_onnx(g, method, ratio=1.2, round_to=1, min_rank=1, min_share=0.0, keep_stem=False)
+        _full_rank(plan)
+        rewritten = apply_onnx_plan(g, plan)
+        agreement, ref, _ = onnx_agreement(g.model, rewritten, g.specs, batch=2)
+        assert ref.shape[1] == (32 * 8 * 8 if mode != "VALID" else 32 * 7 * 7)
+        assert agreement["rel_l2"] < EXACT, method
+
+
+def test_opset_9_gemm_is_kept_with_the_reason() -> None:
+    model = hand_graph(opset=9)
+    plan = plan_onnx(analyze_onnx(model), "svd", ratio=1.2, round_to=1, min_rank=1, min_share=0.0)
+    assert "opset 9 < 11" in plan.layer("fc1").reason
+    assert plan.layer("mm").action == "linear-svd"
