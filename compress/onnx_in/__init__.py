@@ -3,8 +3,10 @@
 Every ``Conv`` / ``Gemm`` / ``MatMul`` whose weight is a constant initializer is a candidate layer; the
 project's rank rules and factorizations plan and factor it through a proxy ``nn.Conv2d`` / ``nn.Linear``
 (:mod:`compress.onnx_in.layers`, :mod:`compress.onnx_in.planner`), and :mod:`compress.onnx_in.rewrite`
-replaces the node by its chain, leaving the rest of the graph as it was. :mod:`compress.onnx_in.run`
-is the ``MODEL=path/to/model.onnx`` route of ``make export``.
+replaces the node by its chain, leaving the rest of the graph as it was. :mod:`compress.onnx_in.latency`
+runs ``METHOD=auto`` and the ``SPEEDUP``/``LATENCY_MS`` targets on the graph, :mod:`compress.onnx_in.data`
+the data-aware (whitened) SVD, and :mod:`compress.onnx_in.run` is the ``MODEL=path/to/model.onnx`` route
+of ``make export``.
 """
 
 from __future__ import annotations

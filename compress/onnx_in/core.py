@@ -139,8 +139,11 @@ def plan_onnx(
         )
 
 
-def apply_onnx_plan(graph: OnnxGraph | Source, plan: Plan) -> onnx.ModelProto:
+def apply_onnx_plan(graph: OnnxGraph | Source, plan: Plan, *, data: Any = None) -> onnx.ModelProto:
     """The graph with every factorized plan entry replaced by its chain; records each layer's weight error.
+
+    ``data`` (calibration inputs: an array for the first graph input, a list of them, or a list of feed
+    dicts) makes the channel-SVD family data-aware (:mod:`compress.onnx_in.data`).
 
     Raises:
         CompressionError: the plan does not match the graph.
@@ -148,8 +151,16 @@ def apply_onnx_plan(graph: OnnxGraph | Source, plan: Plan) -> onnx.ModelProto:
     """
     if not isinstance(graph, OnnxGraph):
         graph = analyze_onnx(graph)
+    grams = None
+    if data is not None:
+        from compress.onnx_in.data import input_grams
+
+        paths = {e.path for e in plan.factorized_layers}
+        grams = input_grams(graph.model, [x for x in graph.layers if x.path in paths], _feeds(graph, data))
+        plan.config["data_aware"] = "whitened SVD for svd/pointwise-svd/linear-svd layers"
     with one_thread():
-        rewritten = rewrite_graph(graph.model, graph.layers, plan, hooi_iters=int(plan.config.get("hooi_iters") or 0))
+        hooi = int(plan.config.get("hooi_iters") or 0)
+        rewritten = rewrite_graph(graph.model, graph.layers, plan, hooi_iters=hooi, grams=grams)
     check_rewritten(graph.model, rewritten)
     params_after = float_params(rewritten)
     plan.totals["params_after_measured"] = params_after
@@ -158,6 +169,23 @@ def apply_onnx_plan(graph: OnnxGraph | Source, plan: Plan) -> onnx.ModelProto:
     shapes = tensor_shapes(rewritten, specs, [x for n in weight_nodes for x in (n.input[0], n.output[0])])
     plan.totals["macs_after_measured"] = sum(node_macs(n, shapes) for n in weight_nodes)
     return rewritten
+
+
+def _feeds(graph: OnnxGraph, data: Any) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds from an array, a list of arrays (the first input) or a list of feed dicts."""
+    items = [data] if isinstance(data, (np.ndarray, dict)) else list(data)
+    spec = graph.specs[0]
+    feeds = []
+    for item in items:
+        if isinstance(item, dict):
+            feeds.append(item)
+        elif len(graph.specs) > 1:
+            raise UserInputError("a model with several inputs takes calibration data as feed dicts {input name: array}")
+        else:
+            feeds.append({spec.name: np.asarray(item, dtype=spec.dtype)})
+    if not feeds:
+        raise UserInputError("the calibration data holds no input")
+    return feeds
 
 
 def _size(specs: Sequence[InputSpec]) -> int | None:
@@ -171,6 +199,7 @@ def compress_onnx(
     *,
     input_size: int | None = None,
     filter_fn: LayerFilter | None = None,
+    data: Any = None,
     **options: Any,
 ) -> OnnxCompression:
     """Plan and rewrite an ONNX model in one call.
@@ -183,6 +212,7 @@ def compress_onnx(
             ``rank_rule="evbmf"``, ``round_to=8``, …).
         input_size: Height and width for an input with symbolic spatial dims.
         filter_fn: ``filter_fn(layer) -> bool``; layers where it returns False stay dense.
+        data: Calibration inputs (see :func:`apply_onnx_plan`): data-aware (whitened) channel-SVD factors.
         **options: Config fields when ``config`` is a method name.
 
     Returns:
@@ -203,7 +233,7 @@ def compress_onnx(
         plan = plan_onnx_latency(graph, auto, auto.target if auto.target.is_latency else None)
     else:
         plan = plan_onnx(graph, config, filter_fn=filter_fn, **options)
-    model = apply_onnx_plan(graph, plan)
+    model = apply_onnx_plan(graph, plan, data=data)
     return OnnxCompression(model=model, dense=graph.model, plan=plan, graph=graph)
 
 

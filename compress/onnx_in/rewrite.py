@@ -19,6 +19,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from compress.factorizations import FACTORIZATIONS, factorization
+from compress.onnx_in.data import WHITENED, whitened_svd
 from compress.onnx_in.layers import OnnxLayer
 from compress.plan import Plan
 from lowrank_deploy.errors import CompressionError, ExportError
@@ -110,9 +111,17 @@ def _chain(
 
 
 def rewrite_graph(
-    model: onnx.ModelProto, layers: Sequence[OnnxLayer], plan: Plan, *, hooi_iters: int = 0
+    model: onnx.ModelProto,
+    layers: Sequence[OnnxLayer],
+    plan: Plan,
+    *,
+    hooi_iters: int = 0,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with every factorized plan entry replaced by its chain (rel. errors recorded in ``plan``).
+
+    With ``grams`` (layer path → input second moment, :func:`compress.onnx_in.data.input_grams`), the
+    channel-SVD family is factored by :func:`compress.onnx_in.data.whitened_svd` (least output error).
 
     Raises:
         CompressionError: the plan does not match the graph (unknown node, other weight shape, bad ranks).
@@ -140,7 +149,11 @@ def rewrite_graph(
         reason = fact.unsupported_reason(layer.module)
         if reason is not None:
             raise CompressionError(f"{entry.path}: {reason}")
-        weights, rel_error = fact.factor_weights(layer.module, ranks)
+        if grams is not None and entry.path in grams and entry.action in WHITENED:
+            weights, rel_error, output_error = _whitened(layer.module.weight, ranks[0], grams[entry.path])
+            entry.info.update(factors="whitened (least output error on DATA)", output_rel_error=output_error)
+        else:
+            weights, rel_error = fact.factor_weights(layer.module, ranks)
         entry.rel_error = float(rel_error)
         nodes, inits = _chain(layer, entry.action, weights, names)
         replaced[layer.index] = nodes
@@ -160,6 +173,18 @@ def rewrite_graph(
     del g.value_info[:]
     g.value_info.extend(kept_vi)
     return out
+
+
+def _whitened(weight: torch.Tensor, rank: int, gram: torch.Tensor) -> tuple[list[torch.Tensor], float, float]:
+    """Whitened channel-SVD factors in the layer layout, the weight-space and the output relative error."""
+    first, second, output_error = whitened_svd(weight, rank, gram)
+    w = weight.detach().to(torch.float64)
+    approx = (second @ first).reshape(w.shape)
+    norm = float(torch.linalg.vector_norm(w))
+    rel = float(torch.linalg.vector_norm(w - approx)) / norm if norm > 0 else 0.0
+    if w.dim() == 4:
+        return [first.reshape(rank, *w.shape[1:]), second.reshape(w.shape[0], rank, 1, 1)], rel, output_error
+    return [first, second], rel, output_error
 
 
 def _spliced(nodes: Sequence[onnx.NodeProto], replaced: dict[int, list[onnx.NodeProto]]) -> Iterator[onnx.NodeProto]:

@@ -7,7 +7,8 @@ records the original file and its SHA-256. ``python -m export onnx --run-dir D``
 then measures, with ONNX Runtime on seeded inputs, the **agreement with the original ONNX** of both files
 (``parity.json``, ``"reference": "original ONNX"``): ``dense.onnx`` must reproduce it within the export
 tolerances; ``model.onnx`` is an approximation, so its numbers are recorded, and only non-finite outputs fail.
-The bench, quantize and report stages then run unchanged on the two ONNX files.
+The bench, quantize and report stages then run unchanged on the two ONNX files. ``DATA=<folder of .npy
+model inputs>`` makes the channel-SVD family data-aware (:mod:`compress.onnx_in.data`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from compress.onnx_in.core import analyze_onnx, apply_onnx_plan, onnx_agreement, plan_onnx
+from compress.onnx_in.data import load_npy_inputs
 from compress.onnx_in.graph import input_specs, load_input_model, ort_run, seeded_feeds
 from compress.onnx_in.planner import check_onnx_method
 from compress.plan import Plan
@@ -48,10 +50,9 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
             "training and fine-tuning need the PyTorch model: an ONNX input is compressed post-training only "
             "(drop TRAIN_EPOCHS/FINETUNE_EPOCHS, or give MODEL=<torchvision name or file.py:function>)"
         )
-    if getattr(args, "data", None):
-        raise UserInputError(
-            "DATA with an ONNX model is not supported yet (data-aware factors need PyTorch); drop DATA"
-        )
+    data = getattr(args, "data", None)
+    if data and not Path(data).is_dir():
+        raise UserInputError(f"DATA={data}: for an ONNX model DATA is a folder of .npy arrays of model inputs")
     if getattr(args, "weights", "auto") not in (None, "auto"):
         raise UserInputError(f"WEIGHTS={args.weights} does not apply to an ONNX model: its weights are in the file")
     if getattr(args, "num_classes", None):
@@ -87,7 +88,8 @@ def run_onnx(args: argparse.Namespace, plan_path: str | None = None) -> int:
         plan = plan_onnx(graph, config_from_args(args))
     t_plan = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = apply_onnx_plan(graph, plan)
+    data = load_npy_inputs(args.data, graph.specs[0]) if getattr(args, "data", None) else None
+    model = apply_onnx_plan(graph, plan, data=data)
     t_apply = time.perf_counter() - t0
     agreement, _, _ = onnx_agreement(graph.model, model, graph.specs, seed=args.seed + 1)
 
@@ -256,10 +258,11 @@ def export_onnx_run(args: argparse.Namespace) -> int:
 def check_onnx_export(values: dict[str, str | None]) -> None:
     """``lowrank-deploy export`` with ``MODEL=path/to/model.onnx``: refuse what the ONNX route cannot do, in one line."""
     check_onnx_method(values.get("method") or "")
-    if values.get("data"):
-        raise UserInputError(
-            "DATA with an ONNX model is not supported yet (data-aware factors need PyTorch); drop DATA"
-        )
+    data = values.get("data")
+    if data and not Path(data).is_dir():
+        raise UserInputError(f"DATA={data}: for an ONNX model DATA is a folder of .npy arrays of model inputs")
+    if data and (values.get("precision") or "fp32") != "fp32":
+        raise UserInputError("PRECISION=int8/fp16 calibrates on DATA as an image dataset; with an ONNX model drop one")
     for key, var in (("train_epochs", "TRAIN_EPOCHS"), ("finetune_epochs", "FINETUNE_EPOCHS")):
         if (values.get(key) or "0").strip() not in ("0", ""):
             raise UserInputError(

@@ -450,6 +450,7 @@ def test_compress_plan_then_apply_on_onnx(hand_file: Path, tmp_path: Path) -> No
         (["--finetune-epochs", "1"], "FINETUNE_EPOCHS needs the PyTorch model"),
         (["--weights", "imagenet"], "does not apply to an ONNX model"),
         (["--backend", "torch"], "BACKEND=torch"),
+        (["--data", "fashion-mnist"], "DATA is a folder of .npy arrays"),
     ],
 )
 def test_lowrank_deploy_refuses_onnx_options_before_writing(
@@ -511,3 +512,59 @@ def test_opset_9_gemm_is_kept_with_the_reason() -> None:
     plan = plan_onnx(analyze_onnx(model), "svd", ratio=1.2, round_to=1, min_rank=1, min_share=0.0)
     assert "opset 9 < 11" in plan.layer("fc1").reason
     assert plan.layer("mm").action == "linear-svd"
+
+
+# ----------------------------------------------------------------------------------------------- DATA
+def _smooth_inputs(seed: int, n: int) -> np.ndarray:
+    """Images with low-frequency structure (4×4 noise upsampled to 16×16): what data-aware factors exploit."""
+    small = np.random.default_rng(seed).standard_normal((n, 3, 4, 4)).astype(np.float32)
+    return np.repeat(np.repeat(small, 4, axis=2), 4, axis=3)
+
+
+def test_data_aware_factors_follow_the_data() -> None:
+    from compress.onnx_in.graph import ort_run
+
+    kwargs = {"ratio": 2.0, "round_to": 1, "min_rank": 1, "min_share": 0.0}
+    calibration = [_smooth_inputs(seed, 16) for seed in range(4)]
+    plain = compress_onnx(hand_graph(), "svd", **kwargs)
+    aware = compress_onnx(hand_graph(), "svd", data=calibration, **kwargs)
+    assert [e.ranks for e in aware.plan.factorized_layers] == [e.ranks for e in plain.plan.factorized_layers]
+    assert all("whitened" in e.info["factors"] for e in aware.plan.factorized_layers)
+    assert aware.plan.config["data_aware"]
+    held_out = {"x": _smooth_inputs(99, 32)}
+    reference = ort_run(plain.dense, held_out)["y"]
+    errors = {}
+    for name, result in (("plain", plain), ("aware", aware)):
+        out = ort_run(result.model, held_out)["y"]
+        errors[name] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+    assert errors["aware"] < 0.2 * errors["plain"]
+
+
+def test_data_aware_full_rank_is_exact() -> None:
+    graph = analyze_onnx(hand_graph())
+    plan = plan_onnx(graph, "svd", ratio=1.5, round_to=1, min_rank=1, min_share=0.0)
+    _full_rank(plan)
+    model = apply_onnx_plan(graph, plan, data=_smooth_inputs(0, 8))
+    agreement, _, _ = onnx_agreement(graph.model, model, graph.specs)
+    assert agreement["rel_l2"] < EXACT
+
+
+def test_compress_run_with_a_folder_of_npy_inputs(tmp_path: Path) -> None:
+    import json
+
+    from compress.cli import main
+
+    model_path = tmp_path / "hand.onnx"
+    onnx.save_model(hand_graph(), str(model_path))
+    data = tmp_path / "inputs"
+    data.mkdir()
+    np.save(data / "a.npy", _smooth_inputs(0, 8))
+    np.save(data / "b.npy", _smooth_inputs(1, 3)[0])  # one input without the batch axis
+    run_dir = tmp_path / "run"
+    argv = ["run", "--model", str(model_path), "--method", "svd", "--ratio", "1.5", "--round-to", "1"]
+    assert main([*argv, "--min-rank", "1", "--data", str(data), "--run-dir", str(run_dir)]) == 0
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert any("whitened" in e["info"].get("factors", "") for e in plan["layers"])
+    np.save(data / "c.npy", np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(UserInputError, match=r"expected finite inputs of shape \[n, 3, 16, 16\]"):
+        main([*argv, "--min-rank", "1", "--data", str(data), "--run-dir", str(tmp_path / "run2")])
