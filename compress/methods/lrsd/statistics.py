@@ -8,7 +8,7 @@ symmetric (dense inputs only) or paired with the dense model's inputs for the as
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.progress import Progress
 from lowrank_deploy.errors import CompressionError
 
 __all__ = ["LayerStats", "calibration_batches", "collect_stats", "data_problem", "response_error", "weight_matrix"]
@@ -186,6 +187,11 @@ def collect_stats(
     model.eval()
     if reference is not None:
         reference.eval()
+    bar = Progress(
+        len(batches) if isinstance(batches, Sized) else None,
+        f"calibration statistics of {len(paths)} layers",
+        unit="batch",
+    )
     try:
         for x in batches:
             comp = _capture(model, paths, x)
@@ -210,7 +216,9 @@ def collect_stats(
                     Xd = _columns(module, dense[path], select)
                     st.cross += Xd.T @ Xc  # type: ignore[operator]
                     st.gram_dense += Xd.T @ Xd  # type: ignore[operator]
+            bar.update(1)
     finally:
+        bar.close()
         model.train(was[0])
         if reference is not None:
             reference.train(was[1])
