@@ -132,6 +132,8 @@ def run_onnx(args: argparse.Namespace, plan_path: str | None = None) -> int:
         "path": str(Path(args.model).resolve()),
         "sha256": sha256_file(args.model),
     }
+    if data is not None:
+        record.extra[SOURCE_KEY]["data"] = str(Path(args.data).resolve())
     record.extra[DIGESTS] = file_digests(folder, (_PLAN, _DENSE, _MODEL))
     record.write(folder / "compress.json")
     print(
@@ -247,12 +249,26 @@ def export_onnx_run(args: argparse.Namespace) -> int:
             failures.append(f"{name}: {result}")
         if not gated and result.n_nonfinite:
             failures.append(f"{name}: {result.n_nonfinite} non-finite outputs")
+    if source.get("data"):  # the compressed model on the calibration inputs too
+        batches = load_npy_inputs(source["data"], specs[0], limit=64)
+        compressed = onnx.load(str(run_dir / _MODEL))
+        ref = np.concatenate([_flat_run(original, {specs[0].name: b}) for b in batches])
+        act = np.concatenate([_flat_run(compressed, {specs[0].name: b}) for b in batches])
+        on_data = compare_outputs(ref, act, atol=args.atol, rtol=args.rtol)
+        n = int(sum(len(b) for b in batches))
+        record["compressed_on_data"] = {"data": source["data"], "n": n, **on_data.to_dict()}
+        print(f"compressed    on DATA ({n} inputs) vs the original ONNX: rel_l2 {on_data.rel_l2:.3g}")
     record[DIGESTS] = file_digests(run_dir, (_DENSE, _MODEL))
     path = ParityRecord.from_dict(record).write(RunDir(run_dir).parity_json)
     print(f"wrote {path}")
     if failures:
         raise ParityError(f"agreement with the original ONNX failed for {'; '.join(failures)}")
     return 0
+
+
+def _flat_run(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Every output of one ORT run, flattened and concatenated."""
+    return np.concatenate([v.ravel() for v in ort_run(model, feeds).values()])
 
 
 def check_onnx_export(values: dict[str, str | None]) -> None:

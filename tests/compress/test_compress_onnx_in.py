@@ -565,6 +565,12 @@ def test_compress_run_with_a_folder_of_npy_inputs(tmp_path: Path) -> None:
     assert main([*argv, "--min-rank", "1", "--data", str(data), "--run-dir", str(run_dir)]) == 0
     plan = json.loads((run_dir / "plan.json").read_text())
     assert any("whitened" in e["info"].get("factors", "") for e in plan["layers"])
+    from export.__main__ import main as export_main
+
+    assert export_main(["onnx", "--run-dir", str(run_dir)]) == 0
+    parity = json.loads((run_dir / "parity.json").read_text())
+    assert parity["compressed_on_data"]["n"] == 9
+    assert 0 < parity["compressed_on_data"]["rel_l2"] < parity["compressed"]["rel_l2"]  # fits the data it saw
     np.save(data / "c.npy", np.zeros((2, 3, 8, 8), np.float32))
     with pytest.raises(UserInputError, match=r"expected finite inputs of shape \[n, 3, 16, 16\]"):
         main([*argv, "--min-rank", "1", "--data", str(data), "--run-dir", str(tmp_path / "run2")])
