@@ -30,7 +30,7 @@ ENV_INTERVAL = "LOWRANK_DEPLOY_PROGRESS_INTERVAL"
 ENV_MODE = "LOWRANK_DEPLOY_PROGRESS"
 DEFAULT_INTERVAL = 5.0
 PREFIX = "[progress]"
-RECENT_UNITS = 3  # the ETA's rate is measured over the last this many updates
+RECENT_UNITS = 3  # the ETA's rate is measured over the last quarter of the updates, at least this many
 _LAST_LINE = [0.0]  # perf_counter of the last progress line any stage wrote (a heartbeat stays quiet after one)
 
 
@@ -51,6 +51,10 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{int(s // 60)} min {int(s % 60):02d} s"
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def _plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
 
 
 def _mode(enabled: bool | None, stream: TextIO) -> str:
@@ -117,14 +121,15 @@ class Progress:
         return time.perf_counter() - self.start
 
     def eta(self) -> float | None:
-        """Seconds left at the rate of the last few units (``None`` without a total or before the first unit).
+        """Seconds left at the rate of the last quarter (at least 3) of the units (``None`` before the first unit).
 
         The recent rate, not the mean since the start: a first unit that also filled a cache (the latency
         solver's first knob value) would otherwise inflate every later ETA.
         """
         if not self.total or self.done <= 0:
             return None
-        (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
+        window = max(RECENT_UNITS, self.done // 4)
+        (t0, n0), (t1, n1) = self._marks[max(0, len(self._marks) - 1 - window)], self._marks[-1]
         rate = (t1 - t0) / (n1 - n0) if n1 > n0 else self.elapsed / self.done
         return rate * max(0, self.total - self.done)
 
@@ -133,7 +138,6 @@ class Progress:
         self.done += n
         if n > 0:
             self._marks.append((time.perf_counter(), self.done))
-            del self._marks[: -(RECENT_UNITS + 1)]
         if note is not None:
             self.note_text = note
         if self._bar is not None:
@@ -163,14 +167,14 @@ class Progress:
         elif self.mode == "lines" and (self.lines or self.elapsed >= self.interval):
             count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
             detail = f"; {self.note_text}" if self.note_text else ""
-            self._write(f"{self.desc}: done, {count} {self.unit}s in {duration(self.elapsed)}{detail}")
+            self._write(f"{self.desc}: done, {count} {_plural(self.unit)} in {duration(self.elapsed)}{detail}")
 
     def _line(self) -> str:
         if self.total:
             pct = 100.0 * self.done / self.total
-            count = f"{self.done}/{self.total} {self.unit}s ({pct:.0f}%)"
+            count = f"{self.done}/{self.total} {_plural(self.unit)} ({pct:.0f}%)"
         else:
-            count = f"{self.done} {self.unit}s"
+            count = f"{self.done} {_plural(self.unit)}"
         eta = self.eta()
         left = f", ETA {duration(eta)}" if eta is not None else ", ETA unknown"
         detail = f"; {self.note_text}" if self.note_text else ""
@@ -226,7 +230,7 @@ def heartbeat(
             if now - _LAST_LINE[0] < every:
                 continue
             elapsed = now - start
-            eta = "" if expected is None else f", ETA ≈{duration(max(0.0, expected - elapsed))}"
+            eta = "" if expected is None or elapsed >= expected else f", ETA ≈{duration(expected - elapsed)}"
             written[0] += 1
             _emit(f"{desc}: still running, {duration(elapsed)} elapsed{eta}", out)
 

@@ -170,6 +170,7 @@ def _stats(
     batches: list[torch.Tensor],
     reference: nn.Module | None,
     config: LowRankSparseConfig,
+    progress: bool | None = None,
 ) -> dict[str, LayerStats]:
     """:func:`collect_stats`, kept across the knob values of a latency solve for the same weights and images.
 
@@ -186,6 +187,7 @@ def _stats(
             reference=reference,
             positions_per_image=config.positions_per_image,
             seed=config.seed,
+            progress=progress,
         ),
     )
 
@@ -251,7 +253,7 @@ def lrsd_compress_(
         if config.mode == "asymmetric":
             reference = copy.deepcopy(model)
             for path in todo:
-                stats = _stats(model, [path], batches, reference, config)[path]
+                stats = _stats(model, [path], batches, reference, config, progress)[path]
                 module = planned_module(model, plan.layer(path), plan)
                 set_submodule(
                     model, path, _solve_layer(module, plan.layer(path), stats, config, search=search, note=bar.note)
@@ -262,7 +264,9 @@ def lrsd_compress_(
             # statistics are collected in groups whose float64 Grams fit in MAX_STATS_BYTES
             pending: dict[str, LowRankSparse] = {}
             for group in _stat_groups(model, todo):
-                group_stats = dict(_stats(model, group, batches, None, config))  # a copy: the entries are popped
+                group_stats = dict(
+                    _stats(model, group, batches, None, config, progress)
+                )  # a copy: the entries are popped
                 for path in group:
                     module = planned_module(model, plan.layer(path), plan)
                     pending[path] = _solve_layer(

@@ -168,6 +168,7 @@ def collect_stats(
     reference: nn.Module | None = None,
     positions_per_image: int = 10,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> dict[str, LayerStats]:
     """Accumulate each layer's input second moments over ``batches`` (float64, never storing all patches).
 
@@ -179,6 +180,7 @@ def collect_stats(
             images and positions give ``cross = X_dense X_compᵀ`` and ``gram_dense``.
         positions_per_image: Random output positions sampled per image for convs (0 = all positions).
         seed: Seed of the position sampling (the same positions are used in both models).
+        progress: Progress per batch on stderr (:class:`compress.progress.Progress`; ``False``: off).
     """
     modules = {p: model.get_submodule(p) for p in paths}
     stats: dict[str, LayerStats] = {}
@@ -189,8 +191,9 @@ def collect_stats(
         reference.eval()
     bar = Progress(
         len(batches) if isinstance(batches, Sized) else None,
-        f"calibration statistics of {len(paths)} layers",
+        f"calibration statistics of {len(paths)} layer{'s' if len(paths) != 1 else ''}",
         unit="batch",
+        enabled=progress,
     )
     try:
         for x in batches:
