@@ -285,3 +285,24 @@ def test_the_solver_computes_lrsd_statistics_once(tmp_path, monkeypatch) -> None
         method, model, copy.deepcopy(model), config, Target("speedup", 1.2), x, data=data, latency=_latency(tmp_path)
     )
     assert calls[0] == 1  # symmetric statistics: one collection for every step and the final solve
+
+
+def test_a_command_with_stderr_redirected_to_a_file_writes_progress_lines(tmp_path) -> None:
+    """``python -m compress plan … 2>log``: the log holds the CC stages' lines with an ETA."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log = tmp_path / "log"
+    with log.open("w") as err:
+        proc = subprocess.run(
+            [sys.executable, "-m", "compress", "plan", "--model", "cifar_resnet20", "--method", "cc", "--flops", "0.5",
+             "--weights", "random", "--out", str(tmp_path / "plan.json")],
+            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=err, text=True, timeout=600,
+            env={**os.environ, ENV_INTERVAL: "0", "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert _eta_lines(text, "cc sensitivity curves")
+    assert _eta_lines(text, "cc heuristic")
