@@ -15,13 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.methods import get_method, load_methods, method_names
+from compress.methods import get_method, load_methods, method_config, method_names
 from compress.methods.base import Batches, Method, register
 from compress.methods.lowrank import LowRankConfig
 from compress.metrics import count_macs, count_params
 from compress.plan import Plan
 from compress.planning import FilterFn
-from compress.targets import Target
 
 __all__ = [
     "FilterFn",
@@ -38,8 +37,6 @@ __all__ = [
     "register",
 ]
 
-_DEFAULT: Any = object()
-
 
 def method_for(config: Any) -> Method:
     """The registered method a config belongs to (by its ``method`` name)."""
@@ -47,23 +44,6 @@ def method_for(config: Any) -> Method:
     if not isinstance(name, str):
         raise TypeError(f"{type(config).__name__} is not a method config (it has no `method` name)")
     return get_method(name)
-
-
-def method_config(name: str, *, ratio: Any = _DEFAULT, flops: float | None = None, **options: Any) -> Any:
-    """Build the config of method ``name``.
-
-    Without ``ratio`` and ``flops`` the method's default target applies (``RATIO=4``; ``FLOPS=0.5`` for
-    ``cc``); ``ratio=None`` without ``flops`` means no target (the method's own knob: EVBMF's ω, joint
-    SVD's ρ, …). Other options that are ``None`` fall back to the config's defaults.
-
-    Raises:
-        UserInputError: unknown method, an option it does not take, or an invalid target.
-    """
-    method = get_method(name)
-    given_ratio = None if ratio is _DEFAULT else ratio
-    target = Target.from_options(ratio=given_ratio, flops=flops)
-    use_default = target is None and ratio is _DEFAULT
-    return method.make_config(target, use_default_target=use_default, **options)
 
 
 def plan_compression(

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from compress.attention import fused_attention_reason
-from compress.factorizations import LayerGeometry, dense_macs
+from compress.attention import attention_paths_in_plan, fused_attention_reason, unfuse_attention_
+from compress.factorizations import FACTORIZATIONS, LayerGeometry, dense_macs, factorization
 from compress.plan import KEEP, LayerPlan, Plan
 from compress.progress import Progress
 from lowrank_deploy.errors import CompressionError
@@ -200,3 +200,39 @@ def layer_progress(total: int, desc: str, *, enabled: bool | None = None) -> Pro
     it as a context manager).
     """
     return Progress(total, desc, unit="layer", enabled=enabled)
+
+
+def apply_factorizations_(model: nn.Module, plan: Plan, *, init: str = "decompose") -> nn.Module:
+    """Replace every planned layer of ``model`` by its registered factorization, in place; return ``model``.
+
+    Attention layers whose unfused projections the plan names are unfused first (:mod:`compress.attention`).
+
+    Args:
+        model: A fresh base model of the architecture the plan was made for.
+        plan: The plan.
+        init: ``decompose`` fills the factors from the layer's weights (and records each layer's
+            relative weight error in ``plan``); ``empty`` only builds the shapes, for loading saved
+            weights afterwards.
+
+    Raises:
+        CompressionError: the plan does not match the model (missing layer, other shape).
+    """
+    if init not in ("decompose", "empty"):
+        raise ValueError(f"init must be 'decompose' or 'empty', got {init!r}")
+    hooi = int(plan.config.get("hooi_iters", 0) or 0)
+    unfuse_attention_(model, attention_paths_in_plan(model, (e.path for e in plan.layers)))
+    for entry in plan.factorized_layers:
+        module = planned_module(model, entry, plan)
+        if entry.action not in FACTORIZATIONS:
+            raise CompressionError(f"plan names unknown factorization {entry.action!r} for {entry.path}")
+        fact = factorization(entry.action, hooi_iters=hooi)
+        ranks = tuple(int(r) for r in entry.ranks or ())
+        fact.check_ranks(module, ranks)
+        if init == "decompose":
+            replacement, rel_error = fact.decompose(module, ranks)
+            entry.rel_error = float(rel_error)
+        else:
+            replacement = fact.build(module, ranks).to(device=module.weight.device)
+        replacement.train(module.training)
+        set_submodule(model, entry.path, replacement)
+    return model

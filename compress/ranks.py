@@ -335,52 +335,17 @@ def select_ranks(
     if by_macs:
         assert flops is not None
         assert total_macs is not None
-        target = total_macs * (1.0 - flops)
-        if min_macs > target * 1.03:
-            reachable = 1.0 - min_macs / total_macs
-            raise CompressionError(
-                f"FLOPS={flops:g} is not reachable: with the layers this method may compress (the rest kept dense) "
-                f"the model keeps at least {min_macs:,} of {total_macs:,} MACs, i.e. at most "
-                f"{100 * reachable:.1f}% fewer; ask for FLOPS≤{math.floor(reachable * 100) / 100:g} or include more layers"
-            )
+        target = _reachable_flops_target(flops, total_macs, min_macs)
     else:
         assert ratio is not None
-        target = total_params / ratio
-        if min_params > target * 1.03:
-            reachable = total_params / min_params
-            raise CompressionError(
-                f"ratio {ratio:g} is not reachable: with the layers this method may compress (the rest kept dense) "
-                f"the model keeps at least {min_params:,} of {total_params:,} parameters, i.e. at most "
-                f"×{reachable:.2f}; ask for RATIO≤{math.floor(reachable * 100) / 100:g} or include more layers"
-            )
-    scale: Callable[[float], float]
-    unscale: Callable[[float], float]
-    if rule.log_scale():
-        scale, unscale = math.log, math.exp
-    else:
-
-        def scale(x: float) -> float:
-            return x
-
-        unscale = scale
-    a, b = scale(lo), scale(hi)
-    # Invariant: measure(a) > target >= measure(b) (params and MACs are non-increasing in the knob).
-    if measure(unscale(a)) <= target:
-        b = a
-    for _ in range(60):
-        if b - a < 1e-9 * max(1.0, abs(b)):
-            break
-        mid = 0.5 * (a + b)
-        if measure(unscale(mid)) > target:
-            a = mid
-        else:
-            b = mid
-    best_knob = unscale(b)
-    chosen, params, macs = choose(best_knob)
-    above, p_above, m_above = choose(unscale(a))
+        target = _reachable_ratio_target(ratio, total_params, min_params)
+    a, b = _bisect_knob(measure, lo, hi, target, log_scale=rule.log_scale())
+    best_knob = b
+    chosen, params, macs = choose(b)
+    above, p_above, m_above = choose(a)
     got, got_above = (macs, m_above) if by_macs else (params, p_above)
     if abs(got_above - target) < abs(got - target):
-        best_knob, chosen, params, got = unscale(a), above, p_above, got_above
+        best_knob, chosen, params, got = a, above, p_above, got_above
     if by_macs:
         assert total_macs is not None
         assert flops is not None
@@ -399,6 +364,63 @@ def select_ranks(
             f"{round_to} are too coarse for this model; lower ROUND_TO to get closer"
         )
     return RankSelection(chosen, best_knob, params, target, min_params, _info(rule, candidates), warnings)
+
+
+def _reachable_flops_target(flops: float, total_macs: int, min_macs: int) -> float:
+    """The MACs to reach for ``FLOPS=flops``; raises when the smallest ranks cannot get within 3% of it."""
+    target = total_macs * (1.0 - flops)
+    if min_macs > target * 1.03:
+        reachable = 1.0 - min_macs / total_macs
+        raise CompressionError(
+            f"FLOPS={flops:g} is not reachable: with the layers this method may compress (the rest kept dense) "
+            f"the model keeps at least {min_macs:,} of {total_macs:,} MACs, i.e. at most "
+            f"{100 * reachable:.1f}% fewer; ask for FLOPS≤{math.floor(reachable * 100) / 100:g} or include more layers"
+        )
+    return target
+
+
+def _reachable_ratio_target(ratio: float, total_params: int, min_params: int) -> float:
+    """The parameters to reach for ``RATIO=ratio``; raises when the smallest ranks cannot get within 3% of it."""
+    target = total_params / ratio
+    if min_params > target * 1.03:
+        reachable = total_params / min_params
+        raise CompressionError(
+            f"ratio {ratio:g} is not reachable: with the layers this method may compress (the rest kept dense) "
+            f"the model keeps at least {min_params:,} of {total_params:,} parameters, i.e. at most "
+            f"×{reachable:.2f}; ask for RATIO≤{math.floor(reachable * 100) / 100:g} or include more layers"
+        )
+    return target
+
+
+def _bisect_knob(
+    measure: Callable[[float], int], lo: float, hi: float, target: float, *, log_scale: bool
+) -> tuple[float, float]:
+    """The knob values ``(a, b)`` bracketing ``target``: ``measure(a) > target >= measure(b)`` (or ``a == b``).
+
+    Params and MACs are non-increasing in the knob; the bisection runs on ``log(knob)`` when ``log_scale``.
+    """
+    scale: Callable[[float], float]
+    unscale: Callable[[float], float]
+    if log_scale:
+        scale, unscale = math.log, math.exp
+    else:
+
+        def scale(x: float) -> float:
+            return x
+
+        unscale = scale
+    a, b = scale(lo), scale(hi)
+    if measure(unscale(a)) <= target:
+        b = a
+    for _ in range(60):
+        if b - a < 1e-9 * max(1.0, abs(b)):
+            break
+        mid = 0.5 * (a + b)
+        if measure(unscale(mid)) > target:
+            a = mid
+        else:
+            b = mid
+    return unscale(a), unscale(b)
 
 
 def _info(rule: RankRule, candidates: Sequence[Candidate]) -> dict[str, dict[str, object]]:

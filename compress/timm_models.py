@@ -23,7 +23,7 @@ import torch
 from lowrank_deploy.errors import UserInputError
 
 if TYPE_CHECKING:
-    from compress.models import LoadedModel
+    from compress.loading import LoadedModel
 
 __all__ = ["PREFIX", "load_timm"]
 
@@ -54,7 +54,7 @@ def load_timm(
     Raises:
         UserInputError: timm missing, unknown name, ``WEIGHTS=imagenet``, or a weights file that does not fit.
     """
-    from compress.models import LoadedModel, input_channels, load_into, load_state_dict_file, output_features
+    from compress.loading import LoadedModel, input_channels, load_into, load_state_dict_file, output_features
 
     timm = _timm()
     name = spec.removeprefix(PREFIX)

@@ -244,14 +244,8 @@ def compare_outputs(
     act = _as_float64(actual)
     if ref.shape != act.shape:
         raise ParityError(f"output shapes differ: reference {list(ref.shape)} vs actual {list(act.shape)}")
-    same = (ref == act) | (np.isnan(ref) & np.isnan(act))
-    with np.errstate(invalid="ignore", over="ignore"):
-        absdiff = np.where(same, 0.0, np.abs(ref - act))
-    absdiff = np.where(np.isnan(absdiff), np.inf, absdiff)
+    absdiff, reldiff = _differences(ref, act)
     magnitude = np.abs(ref)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        reldiff = np.where(absdiff == 0, 0.0, absdiff / magnitude)
-    reldiff = np.where(np.isnan(reldiff), np.inf, reldiff)
     finite_ref = np.isfinite(ref)
     if scale is None:
         scale = float(np.sqrt(np.mean(np.square(ref[finite_ref])))) if finite_ref.any() else 0.0
@@ -268,18 +262,7 @@ def compare_outputs(
         failing = failing | nonfinite
     n = int(ref.size)
     nonzero = magnitude > 0
-    ref_norm = float(np.linalg.norm(ref)) if n else 0.0
-    act_norm = float(np.linalg.norm(act)) if n else 0.0
-    diff_norm = float(np.sqrt(np.sum(np.square(absdiff)))) if n else 0.0
-    rel_l2 = diff_norm / ref_norm if ref_norm > 0 else (0.0 if diff_norm == 0 else math.inf)
-    if ref_norm > 0 and act_norm > 0:
-        with np.errstate(invalid="ignore", over="ignore"):
-            cosine = float(np.dot(ref.ravel(), act.ravel()) / (ref_norm * act_norm))
-    else:
-        cosine = 1.0 if ref_norm == act_norm else 0.0
-    top1 = None
-    if ref.ndim == 2 and ref.shape[0] > 0 and ref.shape[1] > 0:
-        top1 = float(np.mean(np.argmax(ref, axis=1) == np.argmax(act, axis=1)))
+    rel_l2, cosine, top1 = _agreement(ref, act, absdiff)
 
     # An element passes if it is within any one tolerance, so the tolerance needed on one axis is the
     # largest difference among the elements the other two do not already cover.
@@ -315,6 +298,36 @@ def compare_outputs(
         },
         n_nonfinite=int(nonfinite.sum()),
     )
+
+
+def _differences(ref: np.ndarray, act: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Elementwise absolute and relative differences; NaN/inf count as infinite unless both sides agree."""
+    same = (ref == act) | (np.isnan(ref) & np.isnan(act))
+    with np.errstate(invalid="ignore", over="ignore"):
+        absdiff = np.where(same, 0.0, np.abs(ref - act))
+    absdiff = np.where(np.isnan(absdiff), np.inf, absdiff)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reldiff = np.where(absdiff == 0, 0.0, absdiff / np.abs(ref))
+    reldiff = np.where(np.isnan(reldiff), np.inf, reldiff)
+    return absdiff, reldiff
+
+
+def _agreement(ref: np.ndarray, act: np.ndarray, absdiff: np.ndarray) -> tuple[float, float, float | None]:
+    """Relative L2 error, cosine similarity and (for ``(N, classes)`` outputs) top-1 agreement."""
+    n = int(ref.size)
+    ref_norm = float(np.linalg.norm(ref)) if n else 0.0
+    act_norm = float(np.linalg.norm(act)) if n else 0.0
+    diff_norm = float(np.sqrt(np.sum(np.square(absdiff)))) if n else 0.0
+    rel_l2 = diff_norm / ref_norm if ref_norm > 0 else (0.0 if diff_norm == 0 else math.inf)
+    if ref_norm > 0 and act_norm > 0:
+        with np.errstate(invalid="ignore", over="ignore"):
+            cosine = float(np.dot(ref.ravel(), act.ravel()) / (ref_norm * act_norm))
+    else:
+        cosine = 1.0 if ref_norm == act_norm else 0.0
+    top1 = None
+    if ref.ndim == 2 and ref.shape[0] > 0 and ref.shape[1] > 0:
+        top1 = float(np.mean(np.argmax(ref, axis=1) == np.argmax(act, axis=1)))
+    return rel_l2, cosine, top1
 
 
 def check_onnx_parity(

@@ -72,7 +72,7 @@ def try_nvml_device(index: int = 0) -> tuple[dict[str, Any] | None, str | None]:
 def device_identity(index: int = 0) -> dict[str, str]:
     """``{"name", "compute_capability", "source"}`` of GPU ``index``, from torch or else NVML.
 
-    This is what engine sidecars record and compare (:mod:`export.tensorrt.engine_io`).
+    This is what engine sidecars record and compare (:mod:`runtime.trt_engine`).
 
     Raises:
         RuntimeUnavailableError: neither torch.cuda nor NVML sees a GPU.

@@ -33,7 +33,7 @@ from lowrank_deploy.errors import UserInputError
 from lowrank_deploy.integrity import STAGE_OUTPUTS, clear_downstream, run_lock
 from lowrank_deploy.io import before_first_write
 
-__all__ = ["PROG", "Stage", "build_parser", "main", "plan_export", "run_dir_of", "run_stages"]
+__all__ = ["PROG", "Stage", "build_parser", "commands", "plan_export", "resolve", "run_dir_of", "run_stages"]
 
 PROG = "lowrank-deploy"
 ENV_PREFIX = "LRD_"
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace, environ: os._Environ[str] | dict[str, str]) -> dict[str, str | None]:
+def resolve(args: argparse.Namespace, environ: os._Environ[str] | dict[str, str]) -> dict[str, str | None]:
     """Each option: the flag, else ``LRD_<VAR>`` from the environment, else the default ('' = not given)."""
     values: dict[str, str | None] = {}
     for flag, var, default, _ in _OPTIONS:
@@ -498,18 +498,6 @@ def _engine(values: dict[str, str | None]) -> int:
     return export_main(argv)
 
 
-def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
-    """Entry point of ``lowrank-deploy``; returns the exit code (see :func:`lowrank_deploy.cli.run_main`)."""
-    args = build_parser().parse_args(argv)
-    values = _resolve(args, os.environ if environ is None else environ)
-    if args.command == "export":
-        run_dir, stages = plan_export(values)
-        code = run_stages(run_dir, stages)
-        print(f"report: {run_dir / 'report.md'}")
-        return code
-    if args.command == "compare":
-        from lowrank_deploy.compare import run_compare
-
-        run_compare(values)
-        return 0
-    return {"train": _train, "finetune": _finetune, "engine": _engine}[args.command](values)
+def commands() -> dict[str, Callable[[dict[str, str | None]], int]]:
+    """The chain's single-stage commands by name (``export`` and ``compare`` are :mod:`lowrank_deploy.__main__`'s)."""
+    return {"train": _train, "finetune": _finetune, "engine": _engine}

@@ -478,7 +478,7 @@ class OrtRunner(Runner):
         """RSS, plus NVML device memory in use on a GPU provider."""
         mem = super().memory()
         if self.device != "cpu":
-            from runtime.gpu import try_nvml_device
+            from lowrank_deploy.device import try_nvml_device
 
             nvml, reason = try_nvml_device(self.device_id)
             mem["nvml_memory_used_bytes"] = nvml["memory_used_bytes"] if nvml else None

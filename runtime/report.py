@@ -101,39 +101,11 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     verify_chain(folder, "report")  # every file combined here comes from one run
     stale = {SPARSE_ONNX} if stale_sparse_onnx(folder) else set()
 
-    sides = {}
-    for side in (BASELINE, CANDIDATE):
-        stats = _require(latency.results, side, LATENCY_JSON, folder, prefix="results.")
-        sides[side] = {
-            "params": comp.params(side),
-            "macs": comp.macs(side),
-            "onnx_bytes": _onnx_bytes(rd.onnx(side), parity.side(side) or {}),
-            "latency_ms": {q: _require(stats, q, LATENCY_JSON, folder) for q in ("p50", "p90", "p99")},
-        }
-
-    speed = latency.speedup or {}
-    if speed.get("baseline", BASELINE) != BASELINE or speed.get("candidate", CANDIDATE) != CANDIDATE:
-        speed = {}
-    speedup_p50 = speed.get("p50_ratio")
-    if speedup_p50 is None:
-        speedup_p50 = _ratio(sides[BASELINE]["latency_ms"]["p50"], sides[CANDIDATE]["latency_ms"]["p50"])
-    macs_ratio = _ratio(sides[BASELINE]["macs"], sides[CANDIDATE]["macs"])
-    ratios = {
-        "params": _ratio(sides[BASELINE]["params"], sides[CANDIDATE]["params"]),
-        "macs": macs_ratio,
-        "speedup_p50": speedup_p50,
-        "speedup_ci95": speed.get("ci95"),
-        "efficiency": _ratio(speedup_p50, macs_ratio),
-        "flops_reduction": None if not macs_ratio else 1.0 - 1.0 / macs_ratio,
-    }
+    sides = _sides(rd, comp, parity, latency)
     quantized = quantized_block(rd, latency)  # quantize.json + the int8 rows of latency.json, or None
-    ratios["speedup_quantized_p50"] = speedup_quantized_p50(sides, quantized)
+    ratios = _ratios(sides, latency, quantized)
     par_c = _require(parity.to_dict(), CANDIDATE, PARITY_JSON, folder)
     par_d = _require(parity.to_dict(), BASELINE, PARITY_JSON, folder)
-    artifacts = sorted(
-        {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in stale}
-        | {REPORT_JSON, REPORT_MD}
-    )
     report = {
         "model": comp.model,
         "method": comp.method,
@@ -166,7 +138,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "accuracy": _accuracy(comp.accuracy),
         "quantized": quantized,
         "env": latency.env if latency.env is not None else {},
-        "artifacts": artifacts,
+        "artifacts": _artifacts(folder, stale),
         "runners": {k: {"placement": v["placement"]} for k, v in (latency.runners or {}).items() if v.get("placement")},
         "jetson": latency.extra.get("jetson"),
         "engines": engine_records(rd.path),
@@ -176,6 +148,48 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     atomic_write_json(rd.report_json, report)
     atomic_write_text(rd.report_md, report_markdown(report, has_plot=rd.latency_png.is_file()))
     return report
+
+
+def _sides(rd: RunDir, comp: Any, parity: Any, latency: Any) -> dict[str, dict[str, Any]]:
+    """``dense`` / ``compressed``: params, MACs, ONNX bytes and p50/p90/p99 latency of each side."""
+    sides = {}
+    for side in (BASELINE, CANDIDATE):
+        stats = _require(latency.results, side, LATENCY_JSON, rd.path, prefix="results.")
+        sides[side] = {
+            "params": comp.params(side),
+            "macs": comp.macs(side),
+            "onnx_bytes": _onnx_bytes(rd.onnx(side), parity.side(side) or {}),
+            "latency_ms": {q: _require(stats, q, LATENCY_JSON, rd.path) for q in ("p50", "p90", "p99")},
+        }
+    return sides
+
+
+def _ratios(sides: dict[str, dict[str, Any]], latency: Any, quantized: dict[str, Any] | None) -> dict[str, Any]:
+    """``report.json``'s ``ratios``: dense / compressed params and MACs, speed-ups and efficiency."""
+    speed = latency.speedup or {}
+    if speed.get("baseline", BASELINE) != BASELINE or speed.get("candidate", CANDIDATE) != CANDIDATE:
+        speed = {}
+    speedup_p50 = speed.get("p50_ratio")
+    if speedup_p50 is None:
+        speedup_p50 = _ratio(sides[BASELINE]["latency_ms"]["p50"], sides[CANDIDATE]["latency_ms"]["p50"])
+    macs_ratio = _ratio(sides[BASELINE]["macs"], sides[CANDIDATE]["macs"])
+    return {
+        "params": _ratio(sides[BASELINE]["params"], sides[CANDIDATE]["params"]),
+        "macs": macs_ratio,
+        "speedup_p50": speedup_p50,
+        "speedup_ci95": speed.get("ci95"),
+        "efficiency": _ratio(speedup_p50, macs_ratio),
+        "flops_reduction": None if not macs_ratio else 1.0 - 1.0 / macs_ratio,
+        "speedup_quantized_p50": speedup_quantized_p50(sides, quantized),
+    }
+
+
+def _artifacts(folder: Path, stale: set[str]) -> list[str]:
+    """The run directory's files (hidden and stale ones left out), the report's own two included."""
+    return sorted(
+        {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in stale}
+        | {REPORT_JSON, REPORT_MD}
+    )
 
 
 def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:

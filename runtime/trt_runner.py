@@ -142,7 +142,7 @@ class TrtRunner(Runner):
 
     def activate_impl(self) -> None:
         """Check TensorRT, CUDA and the sidecar, deserialize the engine and create a context."""
-        from export.tensorrt import load_engine, require_tensorrt
+        from runtime.trt_engine import load_engine, require_tensorrt
 
         version = require_tensorrt()
         try:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from lowrank_deploy.__main__ import dispatch as main
 from lowrank_deploy.compare import compare_markdown, parse_methods
 from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.pipeline import main
 
 pytest.importorskip("onnxruntime")
 
@@ -104,16 +104,16 @@ def test_compare_markdown_lists_a_failed_method():
 
 def test_export_forwards_speedup_latency_ms_and_threads(tmp_path: Path):
     """``make export SPEEDUP=… THREADS=…``: the compress stage predicts at the threads the benchmark uses."""
-    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+    from lowrank_deploy.pipeline import build_parser, plan_export, resolve
 
     for flag, value in (("--speedup", "2"), ("--latency-ms", "5")):
         args = build_parser().parse_args(["export", "--model", TINY, "--method", "auto", flag, value])
-        resolved = _resolve(args, {"LRD_THREADS": "2", "LRD_OUT": str(tmp_path)})
+        resolved = resolve(args, {"LRD_THREADS": "2", "LRD_OUT": str(tmp_path)})
         _, stages = plan_export(resolved)
         compress_argv, bench_argv = stages[0].argv, next(s.argv for s in stages if s.name == "bench")
         assert [flag, value] == compress_argv[compress_argv.index(flag) : compress_argv.index(flag) + 2]
         assert compress_argv[-2:] == ["--latency-threads", "2"]
         assert bench_argv[-2:] == ["--threads", "2"]
     args = build_parser().parse_args(["export", "--model", TINY, "--method", "tai", "--ratio", "2"])
-    _, stages = plan_export(_resolve(args, {"LRD_THREADS": "2", "LRD_OUT": str(tmp_path)}))
+    _, stages = plan_export(resolve(args, {"LRD_THREADS": "2", "LRD_OUT": str(tmp_path)}))
     assert "--latency-threads" not in stages[0].argv  # no latency target: nothing to predict

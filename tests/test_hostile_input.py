@@ -33,7 +33,7 @@ BASE += ["--compress-args", "--input-size 32 --min-rank 2"]
 
 
 def _pipeline(argv: Sequence[str] | None) -> int:
-    from lowrank_deploy.pipeline import main
+    from lowrank_deploy.__main__ import dispatch as main
 
     return main(argv, environ={})  # the test process's LRD_* variables never leak in
 
@@ -167,7 +167,7 @@ def test_out_that_is_a_file_is_refused(earlier: tuple[Path, Path], capsys: pytes
 def test_flags_also_come_from_the_environment_and_flags_win(
     earlier: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lowrank_deploy.pipeline import main
+    from lowrank_deploy.__main__ import dispatch as main
 
     out, _ = earlier
     before = snapshot(out)

@@ -106,11 +106,11 @@ def test_options_that_would_be_ignored_are_refused_before_anything_is_written(
 
 
 def test_data_options_reach_the_compress_stage_with_data(tmp_path: Path) -> None:
-    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+    from lowrank_deploy.pipeline import build_parser, plan_export, resolve
 
     env = {"LRD_MODEL": "tests/compress/models.py:tiny_resnet", "LRD_OUT": str(tmp_path), "LRD_DATA": str(tmp_path)}
     env |= {"LRD_FINETUNE_EPOCHS": "1", "LRD_EVAL_SAMPLES": "5", "LRD_RATIO": "2"}
-    _, stages = plan_export(_resolve(build_parser().parse_args(["export"]), env))
+    _, stages = plan_export(resolve(build_parser().parse_args(["export"]), env))
     argv = stages[0].argv
     assert argv[argv.index("--finetune-epochs") + 1] == "1"
     assert argv[argv.index("--eval-samples") + 1] == "5"
@@ -349,7 +349,7 @@ def test_a_killed_rerun_leaves_no_report_of_the_earlier_run(copy_run: Path) -> N
 def test_a_stage_run_on_its_own_clears_what_its_files_make_stale(
     copy_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+    from lowrank_deploy.pipeline import build_parser, plan_export, resolve
     from runtime.__main__ import main as runtime_main
 
     (copy_run / "profile.json").write_text("{}")  # made from the ONNX files, not from the benchmark
@@ -360,7 +360,7 @@ def test_a_stage_run_on_its_own_clears_what_its_files_make_stale(
     assert (copy_run / "profile.json").is_file()
     argv = [a if a != "2" else "3" for a in BASE]  # compress alone, another ratio
     _, stages = plan_export(
-        _resolve(build_parser().parse_args(["export", *argv, "--out", str(copy_run.parents[1])]), {})
+        resolve(build_parser().parse_args(["export", *argv, "--out", str(copy_run.parents[1])]), {})
     )
     code, err = _call(capsys, stages[0].run, stages[0].argv)
     assert code == 0, err

@@ -97,11 +97,11 @@ def test_make_export_segmentation_and_detection(tmp_path: Path, name: str, task:
 
 
 def _plan(tmp_path: Path, **values: str) -> None:
-    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+    from lowrank_deploy.pipeline import build_parser, plan_export, resolve
 
     args = build_parser().parse_args(["export"])
     env = {"LRD_OUT": str(tmp_path / "out"), "LRD_WEIGHTS": "random", **{f"LRD_{k}": v for k, v in values.items()}}
-    plan_export(_resolve(args, env))
+    plan_export(resolve(args, env))
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "abc", "64.5", "100000", "1e3"])
@@ -112,13 +112,13 @@ def test_input_size_is_refused_before_any_stage_writes(tmp_path: Path, value: st
 
 
 def test_input_size_reaches_the_compress_stage(tmp_path: Path) -> None:
-    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+    from lowrank_deploy.pipeline import build_parser, plan_export, resolve
 
     env = {"LRD_OUT": str(tmp_path / "out"), "LRD_MODEL": "lraspp_mobilenet_v3_large", "LRD_INPUT_SIZE": " 96 "}
-    _, stages = plan_export(_resolve(build_parser().parse_args(["export"]), env))
+    _, stages = plan_export(resolve(build_parser().parse_args(["export"]), env))
     argv = stages[0].argv
     assert argv[argv.index("--input-size") + 1] == "96"
-    _, stages = plan_export(_resolve(build_parser().parse_args(["export"]), {**env, "LRD_INPUT_SIZE": ""}))
+    _, stages = plan_export(resolve(build_parser().parse_args(["export"]), {**env, "LRD_INPUT_SIZE": ""}))
     assert "--input-size" not in stages[0].argv  # empty: the model's own size (520 for segmentation)
     makefile = (ROOT / "Makefile").read_text()
     assert " INPUT_SIZE " in makefile.split("_LRD_VARS :=", 1)[1].split("\n", 1)[0]

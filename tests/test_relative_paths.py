@@ -57,7 +57,7 @@ def assert_no_doubled_path(base: Path) -> None:
 
 def _main(module: str) -> Callable[[Sequence[str] | None], int]:
     if module == "lowrank-deploy":
-        from lowrank_deploy.pipeline import main as pipeline_main
+        from lowrank_deploy.__main__ import dispatch as pipeline_main
 
         return lambda argv: pipeline_main(argv, environ={})  # the test process's LRD_* never leak in
     if module == "compress":

@@ -126,13 +126,9 @@ def _method_data(args: argparse.Namespace, method: Any, dataset: Any) -> Any:
 
 def run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     """``run`` (plan from ``--method``) or ``apply`` (``plan_path``): compress and write the run directory."""
-    import torch
-
     from compress.artifacts import save_run
-    from compress.cli.options import config_from_args, target_from_args
+    from compress.cli.options import config_from_args
     from compress.methods import get_method
-    from compress.methods.base import Method
-    from compress.metrics import count_macs, count_params, output_agreement
     from compress.plan import Plan
     from lowrank_deploy.io import ensure_writable_dir
 
@@ -147,29 +143,75 @@ def run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     data = _method_data(args, method, dataset)
     dense = loaded.model
     compressed = copy.deepcopy(dense)
+    plan, t_plan, t_apply = _compress(args, method, plan, config, loaded, dense, compressed, example, data)
+    compressed.eval()
+    info = _compress_record(args, loaded, plan, dense, compressed, example)
+    info["wall_s"] = {"load": t_load, "plan": t_plan, "apply": t_apply, "compress": t_plan + t_apply}
+    info["warnings"] = plan.warnings
+    if "params_after_with_index" in plan.totals:  # sparse parts: what each storage convention costs
+        info["sparse_storage"] = _sparse_storage(plan.totals, info["dense"]["params"])
+    if trained is not None:
+        info["dense_training"] = trained
+    if dataset is not None:
+        info["accuracy"] = accuracy_before_finetune(args, dataset, dense, compressed)
+    save_run(args.run_dir, info=info, plan=plan, dense=dense, compressed=compressed)
+    print(summary(plan, info))
+    print(f"wrote {Path(args.run_dir)}/{{plan.json, compress.json, dense.safetensors, model.safetensors}}")
+    if dataset is not None and args.finetune_epochs:
+        _finetune(args, dataset)
+    return 0
+
+
+def _compress(
+    args: argparse.Namespace,
+    method: Any,
+    plan: Any,
+    config: Any,
+    loaded: Any,
+    dense: Any,
+    compressed: Any,
+    example: Any,
+    data: Any,
+) -> tuple[Any, float, float]:
+    """Rebuild a saved plan, or plan and apply (to a latency target, in two timed steps, or in one pass).
+
+    Returns:
+        The plan and the plan / apply wall times in seconds.
+    """
+    from compress.cli.options import target_from_args
+    from compress.methods.base import Method
+
     t0 = time.perf_counter()
     latency_target = None if plan is not None else target_from_args(args)
     if plan is not None:
         method.rebuild_(compressed, plan, data=data)
-        t_plan, t_apply = 0.0, time.perf_counter() - t0
-    elif latency_target is not None and latency_target.is_latency:  # every method: see compress.latency.solve
+        return plan, 0.0, time.perf_counter() - t0
+    if latency_target is not None and latency_target.is_latency:  # every method: see compress.latency.solve
         from compress.latency import LatencyModel
         from compress.latency.solve import compress_to_latency_
 
         latency = LatencyModel(threads=args.latency_threads, batch=args.batch, precision=args.latency_precision)
         kwargs = {"data": data, "model_name": loaded.name, "latency": latency}
         plan = compress_to_latency_(method, dense, compressed, config, latency_target, example, **kwargs)
-        t_plan, t_apply = time.perf_counter() - t0, 0.0
-    elif type(method).compress_ is Method.compress_:  # plan on the dense model, then apply: timed apart
+        return plan, time.perf_counter() - t0, 0.0
+    if type(method).compress_ is Method.compress_:  # plan on the dense model, then apply: timed apart
         plan = method.plan(dense, config, example, data=data, model_name=loaded.name)
         t_plan = time.perf_counter() - t0
         t0 = time.perf_counter()
         method.apply_(compressed, plan, data=data)
-        t_apply = time.perf_counter() - t0
-    else:  # the method plans and applies in one pass (calibration statistics, gradients)
-        plan = method.compress_(compressed, config, example, data=data, model_name=loaded.name)
-        t_plan, t_apply = time.perf_counter() - t0, 0.0
-    compressed.eval()
+        return plan, t_plan, time.perf_counter() - t0
+    # the method plans and applies in one pass (calibration statistics, gradients)
+    plan = method.compress_(compressed, config, example, data=data, model_name=loaded.name)
+    return plan, time.perf_counter() - t0, 0.0
+
+
+def _compress_record(
+    args: argparse.Namespace, loaded: Any, plan: Any, dense: Any, compressed: Any, example: Any
+) -> dict[str, Any]:
+    """``compress.json`` without its timings: model, method, weights, sizes, ratios, target, agreement."""
+    import torch
+
+    from compress.metrics import count_macs, count_params, output_agreement
 
     dense_params, comp_params = count_params(dense), count_params(compressed)
     dense_macs, comp_macs = (
@@ -180,7 +222,7 @@ def run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed + 1)
     batch = torch.randn(8, *loaded.input_shape, generator=gen)
     agreement = output_agreement(dense, compressed, batch)
-    info = {
+    return {
         "model": loaded.name,
         "model_spec": loaded.spec,
         "method": plan.method,
@@ -205,44 +247,39 @@ def run(args: argparse.Namespace, plan_path: str | None = None) -> int:
             "kept": len(plan.layers) - len(plan.factorized_layers),
         },
         "agreement": agreement.to_dict(),
-        "wall_s": {"load": t_load, "plan": t_plan, "apply": t_apply, "compress": t_plan + t_apply},
-        "warnings": plan.warnings,
     }
-    if "params_after_with_index" in plan.totals:  # sparse parts: what each storage convention costs
-        totals = plan.totals
-        info["sparse_storage"] = {
-            "params_values": totals["params_after"],
-            "params_with_index": totals["params_after_with_index"],
-            "params_dense_storage": totals["params_after_dense_storage"],
-            "ratio_values": dense_params / totals["params_after"],
-            "ratio_with_index": dense_params / totals["params_after_with_index"],
-            "macs_executed": totals["macs_after"],
-            "macs_sparse_kernel": totals.get("macs_after_sparse_kernel"),
-            "macs_2to4": totals.get("macs_after_2to4"),
-            "note": "the exported graph runs the sparse branch as a dense conv with zeros: its MACs and "
-            "(without sparse initializers) its stored size are those of a dense layer",
-        }
-    if trained is not None:
-        info["dense_training"] = trained
-    if dataset is not None:
-        info["accuracy"] = accuracy_before_finetune(args, dataset, dense, compressed)
-    save_run(args.run_dir, info=info, plan=plan, dense=dense, compressed=compressed)
-    print(summary(plan, info))
-    print(f"wrote {Path(args.run_dir)}/{{plan.json, compress.json, dense.safetensors, model.safetensors}}")
-    if dataset is not None and args.finetune_epochs:
-        from compress.train import TrainConfig
-        from compress.workflow import finetune_run
 
-        config = TrainConfig(
-            epochs=args.finetune_epochs,
-            lr=args.finetune_lr,
-            seed=args.seed,
-            eval_samples=args.eval_samples,
-            kd_alpha=0.5 if args.kd else 0.0,
-        )
-        accuracy = finetune_run(args.run_dir, dataset, config, device=args.device, kd=args.kd)
-        print(accuracy_line(accuracy))
-    return 0
+
+def _sparse_storage(totals: dict[str, Any], dense_params: int) -> dict[str, Any]:
+    """``compress.json``'s ``sparse_storage``: what each storage convention of the sparse parts costs."""
+    return {
+        "params_values": totals["params_after"],
+        "params_with_index": totals["params_after_with_index"],
+        "params_dense_storage": totals["params_after_dense_storage"],
+        "ratio_values": dense_params / totals["params_after"],
+        "ratio_with_index": dense_params / totals["params_after_with_index"],
+        "macs_executed": totals["macs_after"],
+        "macs_sparse_kernel": totals.get("macs_after_sparse_kernel"),
+        "macs_2to4": totals.get("macs_after_2to4"),
+        "note": "the exported graph runs the sparse branch as a dense conv with zeros: its MACs and "
+        "(without sparse initializers) its stored size are those of a dense layer",
+    }
+
+
+def _finetune(args: argparse.Namespace, dataset: Any) -> None:
+    """``FINETUNE_EPOCHS``: fine-tune the written run and print its accuracy."""
+    from compress.train import TrainConfig
+    from compress.workflow import finetune_run
+
+    config = TrainConfig(
+        epochs=args.finetune_epochs,
+        lr=args.finetune_lr,
+        seed=args.seed,
+        eval_samples=args.eval_samples,
+        kd_alpha=0.5 if args.kd else 0.0,
+    )
+    accuracy = finetune_run(args.run_dir, dataset, config, device=args.device, kd=args.kd)
+    print(accuracy_line(accuracy))
 
 
 def accuracy_before_finetune(args: argparse.Namespace, dataset: Any, dense: Any, compressed: Any) -> dict[str, Any]:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from importlib import metadata
+from typing import Any
 
 from compress.methods.base import ENTRY_POINT_GROUP, REGISTRY, Method, Needs, Option, register
+from compress.targets import Target
 from lowrank_deploy.errors import UserInputError
 
-__all__ = ["Method", "Needs", "Option", "get_method", "load_methods", "method_names", "register"]
+__all__ = ["Method", "Needs", "Option", "get_method", "load_methods", "method_config", "method_names", "register"]
 
 _loaded = False
+_DEFAULT: Any = object()
 
 
 def load_methods() -> dict[str, Method]:
@@ -58,3 +61,20 @@ def get_method(name: str) -> Method:
 def method_names() -> list[str]:
     """Names of every registered method, sorted."""
     return sorted(load_methods())
+
+
+def method_config(name: str, *, ratio: Any = _DEFAULT, flops: float | None = None, **options: Any) -> Any:
+    """Build the config of method ``name``.
+
+    Without ``ratio`` and ``flops`` the method's default target applies (``RATIO=4``; ``FLOPS=0.5`` for
+    ``cc``); ``ratio=None`` without ``flops`` means no target (the method's own knob: EVBMF's ω, joint
+    SVD's ρ, …). Other options that are ``None`` fall back to the config's defaults.
+
+    Raises:
+        UserInputError: unknown method, an option it does not take, or an invalid target.
+    """
+    method = get_method(name)
+    given_ratio = None if ratio is _DEFAULT else ratio
+    target = Target.from_options(ratio=given_ratio, flops=flops)
+    use_default = target is None and ratio is _DEFAULT
+    return method.make_config(target, use_default_target=use_default, **options)

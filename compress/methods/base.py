@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from compress.plan import Plan
-from compress.planning import FilterFn
+from compress.planning import FilterFn, apply_factorizations_
 from compress.targets import TARGET_KINDS, Target
 from lowrank_deploy.errors import UserInputError
 
@@ -167,7 +167,7 @@ class Method(ABC):
     """One compression method: its config type, needs, options, default target, planner and applier.
 
     Subclasses set the class attributes and implement :meth:`plan`; the default :meth:`apply_` is the
-    per-layer factorization of :func:`compress.methods.lowrank.apply_factorizations_`, and the default
+    per-layer factorization of :func:`compress.planning.apply_factorizations_`, and the default
     :meth:`compress_` plans and then applies. Data-aware methods override :meth:`compress_`.
 
     Attributes:
@@ -259,8 +259,6 @@ class Method(ABC):
         self, model: nn.Module, plan: Plan, *, init: str = "decompose", data: Batches | None = None
     ) -> nn.Module:
         """Replace every planned layer of ``model`` in place; return ``model`` (see :func:`compress.api.apply_plan_`)."""
-        from compress.methods.lowrank import apply_factorizations_
-
         return apply_factorizations_(model, plan, init=init)
 
     def compress_(

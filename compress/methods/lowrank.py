@@ -3,7 +3,7 @@
 k×k convs get the named factorization, 1×1 convs and Linear layers get SVD under each of them (MUSCO's
 convention). Ranks come from one rank rule (:mod:`compress.ranks`): a uniform parameter fraction
 bisected to the target, MUSCO's direct param-reduction rule, weakened EVBMF or retained energy. The
-applier here (:func:`apply_factorizations_`) is every method's default: one registered factorization
+applier (:func:`compress.planning.apply_factorizations_`) is every method's default: one registered factorization
 (:mod:`compress.factorizations`) per planned layer, built from stock ``nn.Conv2d`` / ``nn.Linear``.
 """
 
@@ -15,21 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.attention import attention_paths_in_plan, unfuse_attention_, unfused_view
-from compress.factorizations import FACTORIZATIONS, Factorization, LayerGeometry, dense_macs, factorization
+from compress.attention import unfused_view
+from compress.factorizations import Factorization, LayerGeometry, dense_macs, factorization
 from compress.methods.base import EXCLUDE, MIN_RANK, ROUND_TO, Method, Option, finite_float, nonneg_int, register
 from compress.metrics import count_params, trace_geometry
 from compress.plan import LayerPlan, Plan
 from compress.planning import (
     FilterFn,
+    apply_factorizations_,
     common_skip_reason,
     find_stem,
     hw_list,
     keep_entry,
     layer_params,
     plan_totals,
-    planned_module,
-    set_submodule,
 )
 from compress.ranks import RANK_RULES, Candidate, EVBMFRule, rank_rule, select_ranks
 from compress.targets import Target, check_target, target_text
@@ -130,10 +129,49 @@ def plan_lowrank(
     model = unfused_view(model)
     geometry, order, total_macs = trace_geometry(model, example_input)
     stem = find_stem(model, order, int(example_input.shape[1]))
+    total_params = count_params(model)
+    entries, candidates = _candidates(model, config, geometry, stem, filter_fn, total_params, total_macs)
+    if not candidates:
+        raise CompressionError(
+            f"nothing to compress in {model_name}: every Conv2d/Linear is excluded by rule (see the plan reasons)"
+        )
+    rule, selection, warnings = _select(candidates, config, total_params, total_macs)
+    for cand in candidates:
+        entries[cand.path] = _layer_entry(cand, selection)
+    layers = [entries[p] for p, m in model.named_modules() if p in entries]
+    totals = plan_totals(layers, total_params, total_macs)
+    return Plan(
+        model=model_name,
+        method=config.method,
+        config=config.to_dict(),
+        input_shape=list(example_input.shape),
+        layers=layers,
+        target={
+            "ratio": config.ratio,
+            "flops": config.flops,
+            "achieved_ratio": total_params / totals["params_after"],
+            "achieved_flops_reduction": 1.0 - totals["macs_after"] / max(total_macs, 1),
+            "rank_rule": rule.name,
+            "knob": {rule.knob_name: selection.knob},
+            "max_ratio": total_params / selection.min_params,
+        },
+        totals=totals,
+        warnings=warnings,
+    )
+
+
+def _candidates(
+    model: nn.Module,
+    config: LowRankConfig,
+    geometry: dict[str, LayerGeometry],
+    stem: str | None,
+    filter_fn: FilterFn | None,
+    total_params: int,
+    total_macs: int,
+) -> tuple[dict[str, LayerPlan], list[Candidate]]:
+    """Step 1: a keep entry (with its reason) for every layer left dense, a candidate for every other one."""
     conv_fact = factorization(config.conv_method, hooi_iters=config.hooi_iters)
     pointwise, linear = factorization("pointwise-svd"), factorization("linear-svd")
-    total_params = count_params(model)
-
     entries: dict[str, LayerPlan] = {}
     candidates: list[Candidate] = []
     for path, module in model.named_modules():
@@ -158,11 +196,21 @@ def plan_lowrank(
             continue
         assert geom is not None  # _skip_reason rejects modules the forward pass did not reach
         candidates.append(Candidate(path, module, fact, geom, dense_p, dense_m))
+    return entries, candidates
 
+
+def _select(
+    candidates: list[Candidate], config: LowRankConfig, total_params: int, total_macs: int
+) -> tuple[Any, Any, list[str]]:
+    """Step 2: the rank rule's ranks for the target, falling back from EVBMF to uniform where it cannot reach it.
+
+    Returns:
+        The rule used, its selection (:func:`compress.ranks.select_ranks`) and the plan's warnings.
+    """
     rule = rank_rule(config.rank_rule)
     warnings: list[str] = []
     ratio = config.ratio
-    if isinstance(rule, EVBMFRule) and candidates and not rule.has_structure(candidates):
+    if isinstance(rule, EVBMFRule) and not rule.has_structure(candidates):
         warnings.append(
             "EVBMF found no structure above the noise level in any layer (random or untrained weights?): "
             "fell back to the uniform rank rule for the target ratio (train first: DATA=fashion-mnist TRAIN_EPOCHS=…, "
@@ -173,10 +221,6 @@ def plan_lowrank(
                 "EVBMF found no structure in any layer and no RATIO was given to fall back on; pass RATIO=… or FLOPS=…"
             )
         rule = rank_rule("uniform")
-    if not candidates:
-        raise CompressionError(
-            f"nothing to compress in {model_name}: every Conv2d/Linear is excluded by rule (see the plan reasons)"
-        )
     knob = 1.0 - config.energy if rule.name == "energy" else config.omega
 
     def select(rule: Any) -> Any:
@@ -210,55 +254,33 @@ def plan_lowrank(
         for cand in candidates:  # keep the raw EVBMF ranks in the plan all the same
             selection.info.setdefault(cand.path, {})["evbmf_ranks"] = list(evbmf.vbmf_ranks(cand))
     warnings.extend(selection.warnings)
-    for cand in candidates:
-        ranks = selection.ranks[cand.path]
-        info = dict(selection.info.get(cand.path, {}))
-        if ranks is None:
-            entry = keep_entry(
-                cand.path, cand.module, cand.geometry, "no parameter gain at the ranks this ratio allows"
-            )
-            entry.info = info
-        else:
-            params, macs = cand.cost(ranks)
-            entry = LayerPlan(
-                path=cand.path,
-                type=type(cand.module).__name__,
-                shape=list(cand.module.weight.shape),
-                action=cand.factorization.name,
-                ranks=list(ranks),
-                reason=None,
-                params_before=cand.params_dense,
-                params_after=params,
-                macs_before=cand.macs_dense,
-                macs_after=macs,
-                in_hw=hw_list(cand.geometry.in_hw),
-                out_hw=hw_list(cand.geometry.out_hw),
-                info=info,
-            )
-        entries[cand.path] = entry
+    return rule, selection, warnings
 
-    layers = [entries[p] for p, m in model.named_modules() if p in entries]
-    totals = plan_totals(layers, total_params, total_macs)
-    params_after, macs_after = totals["params_after"], totals["macs_after"]
-    plan = Plan(
-        model=model_name,
-        method=config.method,
-        config=config.to_dict(),
-        input_shape=list(example_input.shape),
-        layers=layers,
-        target={
-            "ratio": ratio,
-            "flops": config.flops,
-            "achieved_ratio": total_params / params_after,
-            "achieved_flops_reduction": 1.0 - macs_after / max(total_macs, 1),
-            "rank_rule": rule.name,
-            "knob": {rule.knob_name: selection.knob},
-            "max_ratio": total_params / selection.min_params,
-        },
-        totals=totals,
-        warnings=warnings,
+
+def _layer_entry(cand: Candidate, selection: Any) -> LayerPlan:
+    """Step 3: the plan entry of one candidate at its selected ranks (kept dense when they gain nothing)."""
+    ranks = selection.ranks[cand.path]
+    info = dict(selection.info.get(cand.path, {}))
+    if ranks is None:
+        entry = keep_entry(cand.path, cand.module, cand.geometry, "no parameter gain at the ranks this ratio allows")
+        entry.info = info
+        return entry
+    params, macs = cand.cost(ranks)
+    return LayerPlan(
+        path=cand.path,
+        type=type(cand.module).__name__,
+        shape=list(cand.module.weight.shape),
+        action=cand.factorization.name,
+        ranks=list(ranks),
+        reason=None,
+        params_before=cand.params_dense,
+        params_after=params,
+        macs_before=cand.macs_dense,
+        macs_after=macs,
+        in_hw=hw_list(cand.geometry.in_hw),
+        out_hw=hw_list(cand.geometry.out_hw),
+        info=info,
     )
-    return plan
 
 
 def _skip_reason(
@@ -289,42 +311,6 @@ def _skip_reason(
 
 
 # ================================================================================================ applying
-def apply_factorizations_(model: nn.Module, plan: Plan, *, init: str = "decompose") -> nn.Module:
-    """Replace every planned layer of ``model`` by its registered factorization, in place; return ``model``.
-
-    Attention layers whose unfused projections the plan names are unfused first (:mod:`compress.attention`).
-
-    Args:
-        model: A fresh base model of the architecture the plan was made for.
-        plan: The plan.
-        init: ``decompose`` fills the factors from the layer's weights (and records each layer's
-            relative weight error in ``plan``); ``empty`` only builds the shapes, for loading saved
-            weights afterwards.
-
-    Raises:
-        CompressionError: the plan does not match the model (missing layer, other shape).
-    """
-    if init not in ("decompose", "empty"):
-        raise ValueError(f"init must be 'decompose' or 'empty', got {init!r}")
-    hooi = int(plan.config.get("hooi_iters", 0) or 0)
-    unfuse_attention_(model, attention_paths_in_plan(model, (e.path for e in plan.layers)))
-    for entry in plan.factorized_layers:
-        module = planned_module(model, entry, plan)
-        if entry.action not in FACTORIZATIONS:
-            raise CompressionError(f"plan names unknown factorization {entry.action!r} for {entry.path}")
-        fact = factorization(entry.action, hooi_iters=hooi)
-        ranks = tuple(int(r) for r in entry.ranks or ())
-        fact.check_ranks(module, ranks)
-        if init == "decompose":
-            replacement, rel_error = fact.decompose(module, ranks)
-            entry.rel_error = float(rel_error)
-        else:
-            replacement = fact.build(module, ranks).to(device=module.weight.device)
-        replacement.train(module.training)
-        set_submodule(model, entry.path, replacement)
-    return model
-
-
 # ================================================================================================ method
 RANK_RULE = Option("--rank-rule", "rank_rule", "uniform (default) | param-reduction | evbmf | energy")
 ENERGY = Option("--energy", "energy", "retained energy for --rank-rule energy without a target", type=finite_float)

@@ -115,7 +115,7 @@ def onnx_config(method: str | Any, **options: Any) -> LowRankConfig:
     check_onnx_method(method)
     if method == "auto":
         raise UserInputError("METHOD=auto on ONNX input is planned by compress_onnx or compress.onnx_in.latency")
-    from compress.api import method_config
+    from compress.methods import method_config
 
     return method_config(method, **options)
 
@@ -224,7 +224,7 @@ def compress_onnx(
     """
     graph = analyze_onnx(source, input_size=input_size)
     if config == "auto" or getattr(config, "method", None) == "auto":  # the knapsack over candidate blocks
-        from compress.api import method_config
+        from compress.methods import method_config
         from compress.onnx_in.latency import plan_onnx_latency
 
         if filter_fn is not None:

@@ -19,13 +19,12 @@ import hashlib
 import statistics
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from compress.latency.model import LatencyModel
-from compress.onnx_in.core import OnnxGraph
 from compress.onnx_in.graph import seeded_feeds
 from compress.onnx_in.layers import OnnxLayer
 from compress.onnx_in.planner import layer_entry
@@ -35,6 +34,9 @@ from compress.planning import plan_totals
 from compress.targets import Target
 
 __all__ = ["GraphTimer", "ProxyNet", "plan_onnx_latency"]
+
+if TYPE_CHECKING:
+    from compress.onnx_in.core import OnnxGraph
 
 
 class ProxyNet(nn.Module):

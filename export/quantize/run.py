@@ -109,34 +109,13 @@ def quantize_run(
         UserInputError: bad options or a missing ONNX file.
         QuantizationError: a model failed the gate or could not be quantized; nothing is written then.
     """
-    if precision not in PRECISIONS or target not in TARGETS:
-        raise UserInputError(f"use --precision {'|'.join(PRECISIONS)} and --target {'|'.join(TARGETS)}")
-    if target == "tensorrt" and precision != "int8":
-        raise UserInputError("--target tensorrt is for int8; TensorRT converts FP16 itself (`export engine`)")
-    if fmt != "auto" and fmt not in FORMATS:
-        raise UserInputError(f"unknown --format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
-    if calibration is not None and calibration < 1:
-        raise UserInputError(f"--calibration must be >= 1, got {calibration}")
+    _check_options(precision, target, fmt, calibration)
     start = time.perf_counter()
     rd = RunDir(ensure_writable_dir(run_dir))
     sources = {key: rd.require(rd.onnx(key)) for key in MODELS}
     spec = input_spec(sources["compressed"])
     warnings: list[str] = []
-    cpu = cpu_int8_support(cpu_features)
-    remedy = int8_remedy(cpu, reduce_range=reduce_range)
-    if precision == "int8" and target == "tensorrt":  # TensorRT's GPU kernels: the CPU's remedy does not apply
-        remedy = Int8Remedy(cpu["cpu_class"], False, (), "TensorRT target: 8-bit symmetric weights, whatever the CPU")
-    if precision == "int8" and target == "ort":
-        cpu = {**cpu, "int8_remedy": remedy.to_dict()}
-        if cpu["int8_dot"] == []:
-            warnings.append(
-                "this CPU has no int8 dot-product instructions (VNNI): INT8 may not be faster (onnxruntime#17389)"
-                + (
-                    "; int8 weights quantized to 7 bits so its u8s8 kernels cannot saturate"
-                    if remedy.reduce_range
-                    else ""
-                )
-            )
+    cpu, remedy = _cpu_remedy(precision, target, cpu_features, reduce_range, warnings)
 
     dataset = None
     if data:
@@ -154,78 +133,27 @@ def quantize_run(
             kept: dict[str, list[FloatLayer]] = {key: [] for key in MODELS}
             _write_fp16(sources, outs)
         else:
-            n = calibration or (DATA_CALIBRATION if data else SYNTHETIC_CALIBRATION)
-            if data:
-                _, calib_images = _data_images(data, spec, "train", n, seed)
-            else:
-                calib_images = spec.synthetic(n, seed)
-                warnings.insert(0, SYNTHETIC_WARNING.format(n=n))
-            feeds = spec.feeds(calib_images)
-            calib_record = {
-                "source": "data" if data else "synthetic",
-                "n": len(calib_images),
-                "method": method,
-                "seed": seed,
-            }
-            if data:
-                calib_record["data"] = data
+            feeds, calib_record = _calibration(data, spec, calibration, seed, method, warnings)
+            formats = [TRT_FORMAT] if target == "tensorrt" else _formats(fmt, remedy)
             options = {"method": method, "min_rank": min_rank, "rules": rules}
-            auto = [*AUTO_CANDIDATES, *remedy.extra_candidates]
-            formats = [TRT_FORMAT] if target == "tensorrt" else (auto if fmt == "auto" else [fmt])
-            candidates, chosen, kept = None, dict.fromkeys(MODELS, formats[0]), {}
-            if len(formats) > 1:  # auto: each model gets its fastest format (they differ: S8S8 vs U8S8 kernels)
-                candidates = {"threads": threads}
-                for key in MODELS:
-                    candidates[key], chosen[key], kept[key] = _pick_format(
-                        formats,
-                        key,
-                        sources[key],
-                        feeds,
-                        refs[key],
-                        agree_feeds,
-                        spec,
-                        threads,
-                        auto_seconds,
-                        gate,
-                        options,
-                        remedy,
-                        tmp,
-                    )
-            outs = {key: tmp / f"{key}.{chosen[key]}.onnx" for key in MODELS}
-            for key in MODELS:
-                if key not in kept:
-                    kept[key] = quantize_int8(
-                        sources[key],
-                        outs[key],
-                        feeds,
-                        fmt=chosen[key],
-                        reduce_range=remedy.reduce_range_for(chosen[key]),
-                        **options,
-                    )
-        sides: dict[str, Any] = {}
-        failures = []
-        same = chosen["dense"] == chosen["compressed"]
-        fmt_text = chosen["compressed"] if same else f"{chosen['dense']} (dense), {chosen['compressed']} (compressed)"
-        for key in MODELS:
-            agree = agreement(refs[key], onnx_outputs(outs[key], agree_feeds, threads)[:AGREEMENT_INPUTS])
-            failures += [f"{key}: {why}" for why in gate.failures(agree)]
-            sides[key] = {
-                "file": rd.quantized(key, precision, target).name,
-                "format": chosen[key],
-                "reduce_range": precision == "int8" and remedy.reduce_range_for(chosen[key]),
-                "onnx_bytes": outs[key].stat().st_size,
-                "fp32_onnx_bytes": sources[key].stat().st_size,
-                "agreement": agree,
-                "float_layers": [asdict(f) for f in kept[key]],
-            }
-        if failures:
-            raise QuantizationError(f"{precision} ({fmt_text}) failed the gate ({gate}): {'; '.join(failures)}")
-        accuracy = None
-        if dataset is not None:
-            from compress.train.evaluation import eval_subset
-
-            test = eval_subset(dataset.test, eval_samples)
-            accuracy = {key: _onnx_accuracy(outs[key], spec, test, threads) for key in MODELS}
+            candidates, chosen, outs, kept = _quantize_int8_models(
+                sources,
+                feeds,
+                formats,
+                refs,
+                agree_feeds,
+                spec,
+                threads,
+                auto_seconds,
+                gate,
+                options,
+                remedy,
+                tmp,
+            )
+        sides, fmt_text = _gate(
+            rd, precision, target, chosen, outs, sources, refs, agree_feeds, threads, kept, gate, remedy
+        )
+        accuracy = None if dataset is None else _accuracy(dataset, outs, spec, threads, eval_samples)
         for key in MODELS:
             with atomic_path(rd.quantized(key, precision, target)) as dest:
                 os.replace(outs[key], dest)
@@ -250,6 +178,170 @@ def quantize_run(
     )
     record.write(rd.file(QUANTIZE_TRT_JSON if target == "tensorrt" else QUANTIZE_JSON))
     return record
+
+
+def _calibration(
+    data: str | None, spec: InputSpec, calibration: int | None, seed: int, method: str, warnings: list[str]
+) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """The calibration feeds (``data``'s train split, or seeded synthetic inputs with a warning) and their record."""
+    n = calibration or (DATA_CALIBRATION if data else SYNTHETIC_CALIBRATION)
+    if data:
+        _, calib_images = _data_images(data, spec, "train", n, seed)
+    else:
+        calib_images = spec.synthetic(n, seed)
+        warnings.insert(0, SYNTHETIC_WARNING.format(n=n))
+    record: dict[str, Any] = {
+        "source": "data" if data else "synthetic",
+        "n": len(calib_images),
+        "method": method,
+        "seed": seed,
+    }
+    if data:
+        record["data"] = data
+    return spec.feeds(calib_images), record
+
+
+def _accuracy(
+    dataset: Any, outs: Mapping[str, Path], spec: InputSpec, threads: int | None, eval_samples: int | None
+) -> dict[str, Any]:
+    """Each quantized model's accuracy on ``dataset``'s test split (lazy import of compress's evaluation)."""
+    from compress.train.evaluation import eval_subset
+
+    test = eval_subset(dataset.test, eval_samples)
+    return {key: _onnx_accuracy(outs[key], spec, test, threads) for key in MODELS}
+
+
+def _check_options(precision: str, target: str, fmt: str, calibration: int | None) -> None:
+    """Refuse an unknown precision, target or format, FP16 for TensorRT, or an empty calibration set."""
+    if precision not in PRECISIONS or target not in TARGETS:
+        raise UserInputError(f"use --precision {'|'.join(PRECISIONS)} and --target {'|'.join(TARGETS)}")
+    if target == "tensorrt" and precision != "int8":
+        raise UserInputError("--target tensorrt is for int8; TensorRT converts FP16 itself (`export engine`)")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise UserInputError(f"unknown --format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
+    if calibration is not None and calibration < 1:
+        raise UserInputError(f"--calibration must be >= 1, got {calibration}")
+
+
+def _cpu_remedy(
+    precision: str, target: str, cpu_features: Sequence[str] | None, reduce_range: bool | None, warnings: list[str]
+) -> tuple[dict[str, Any], Int8Remedy]:
+    """This CPU's int8 support and the weights' range chosen for it; appends the no-VNNI warning to ``warnings``."""
+    cpu = cpu_int8_support(cpu_features)
+    remedy = int8_remedy(cpu, reduce_range=reduce_range)
+    if precision == "int8" and target == "tensorrt":  # TensorRT's GPU kernels: the CPU's remedy does not apply
+        remedy = Int8Remedy(cpu["cpu_class"], False, (), "TensorRT target: 8-bit symmetric weights, whatever the CPU")
+    if precision == "int8" and target == "ort":
+        cpu = {**cpu, "int8_remedy": remedy.to_dict()}
+        if cpu["int8_dot"] == []:
+            warnings.append(
+                "this CPU has no int8 dot-product instructions (VNNI): INT8 may not be faster (onnxruntime#17389)"
+                + (
+                    "; int8 weights quantized to 7 bits so its u8s8 kernels cannot saturate"
+                    if remedy.reduce_range
+                    else ""
+                )
+            )
+    return cpu, remedy
+
+
+def _formats(fmt: str, remedy: Int8Remedy) -> list[str]:
+    """The int8 formats to try: the given one, or every ``auto`` candidate (plus the CPU remedy's)."""
+    return [*AUTO_CANDIDATES, *remedy.extra_candidates] if fmt == "auto" else [fmt]
+
+
+def _quantize_int8_models(
+    sources: Mapping[str, Path],
+    feeds: list[dict[str, np.ndarray]],
+    formats: list[str],
+    refs: Mapping[str, np.ndarray],
+    agree_feeds: list[dict[str, np.ndarray]],
+    spec: InputSpec,
+    threads: int | None,
+    auto_seconds: float,
+    gate: Gate,
+    options: dict[str, Any],
+    remedy: Int8Remedy,
+    tmp: Path,
+) -> tuple[dict[str, Any] | None, dict[str, str], dict[str, Path], dict[str, list[FloatLayer]]]:
+    """Quantize both models to int8 in ``tmp``: in the one format, or each in its fastest (``auto``).
+
+    Returns:
+        The timed candidates (``None`` with one format), the chosen format, the quantized file and the layers
+        kept in float, each per model.
+    """
+    candidates: dict[str, Any] | None = None
+    chosen, kept = dict.fromkeys(MODELS, formats[0]), {}
+    if len(formats) > 1:  # auto: each model gets its fastest format (they differ: S8S8 vs U8S8 kernels)
+        candidates = {"threads": threads}
+        for key in MODELS:
+            candidates[key], chosen[key], kept[key] = _pick_format(
+                formats,
+                key,
+                sources[key],
+                feeds,
+                refs[key],
+                agree_feeds,
+                spec,
+                threads,
+                auto_seconds,
+                gate,
+                options,
+                remedy,
+                tmp,
+            )
+    outs = {key: tmp / f"{key}.{chosen[key]}.onnx" for key in MODELS}
+    for key in MODELS:
+        if key not in kept:
+            kept[key] = quantize_int8(
+                sources[key],
+                outs[key],
+                feeds,
+                fmt=chosen[key],
+                reduce_range=remedy.reduce_range_for(chosen[key]),
+                **options,
+            )
+    return candidates, chosen, outs, kept
+
+
+def _gate(
+    rd: RunDir,
+    precision: str,
+    target: str,
+    chosen: Mapping[str, str],
+    outs: Mapping[str, Path],
+    sources: Mapping[str, Path],
+    refs: Mapping[str, np.ndarray],
+    agree_feeds: list[dict[str, np.ndarray]],
+    threads: int | None,
+    kept: Mapping[str, list[FloatLayer]],
+    gate: Gate,
+    remedy: Int8Remedy,
+) -> tuple[dict[str, Any], str]:
+    """Each quantized model's agreement with its float model, checked against the gate; the record's sides.
+
+    Raises:
+        QuantizationError: a model failed the gate.
+    """
+    sides: dict[str, Any] = {}
+    failures = []
+    same = chosen["dense"] == chosen["compressed"]
+    fmt_text = chosen["compressed"] if same else f"{chosen['dense']} (dense), {chosen['compressed']} (compressed)"
+    for key in MODELS:
+        agree = agreement(refs[key], onnx_outputs(outs[key], agree_feeds, threads)[:AGREEMENT_INPUTS])
+        failures += [f"{key}: {why}" for why in gate.failures(agree)]
+        sides[key] = {
+            "file": rd.quantized(key, precision, target).name,
+            "format": chosen[key],
+            "reduce_range": precision == "int8" and remedy.reduce_range_for(chosen[key]),
+            "onnx_bytes": outs[key].stat().st_size,
+            "fp32_onnx_bytes": sources[key].stat().st_size,
+            "agreement": agree,
+            "float_layers": [asdict(f) for f in kept[key]],
+        }
+    if failures:
+        raise QuantizationError(f"{precision} ({fmt_text}) failed the gate ({gate}): {'; '.join(failures)}")
+    return sides, fmt_text
 
 
 def _write_fp16(sources: Mapping[str, Path], outs: Mapping[str, Path]) -> None:

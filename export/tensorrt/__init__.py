@@ -8,7 +8,7 @@ works where TensorRT is absent. The pipeline, one module per step (see ``docs/de
 * :mod:`~export.tensorrt.build` — :class:`BatchProfile`, the :class:`EngineFromOnnx` loader and
   :func:`engine_from_onnx`;
 * :mod:`~export.tensorrt.calibration` — INT8 calibrators (TensorRT 10 only);
-* :mod:`~export.tensorrt.engine_io` — :func:`save_engine` / :func:`load_engine` with the
+* :mod:`runtime.trt_engine` — :func:`save_engine` / :func:`load_engine` with the
   ``model.plan.json`` sidecar checked against the running TensorRT and GPU;
 * :mod:`~export.tensorrt.sparsity` — 2:4 weights → ``SPARSE_WEIGHTS``, and which layers ran sparse;
 * :mod:`~export.tensorrt.parity` — engine vs ONNX Runtime on seeded inputs, into the sidecar;
@@ -29,28 +29,28 @@ from export.tensorrt.calibration import (
     TorchDeviceCopy,
     make_calibrator,
 )
-from export.tensorrt.engine_io import (
-    SIDECAR_SUFFIX,
-    BuiltEngine,
-    check_sidecar,
-    load_engine,
-    save_engine,
-    sidecar_path,
-)
 from export.tensorrt.parity import ENGINE_TOLERANCES, engine_parity, record_parity
 from export.tensorrt.precision import (
     MODELOPT_HINT,
     PRECISIONS,
     BuildPlan,
-    api_generation,
     check_precision,
     convert_onnx_to_fp16,
     has_qdq,
     layer_precisions,
     plan_precision,
-    require_tensorrt,
 )
 from export.tensorrt.sparsity import is_2to4, parse_sparsity_log, sparse_tactic_layers, sparse_weight_tensors
+from runtime.trt_engine import (
+    SIDECAR_SUFFIX,
+    BuiltEngine,
+    api_generation,
+    check_sidecar,
+    load_engine,
+    require_tensorrt,
+    save_engine,
+    sidecar_path,
+)
 
 __all__ = [
     "CALIBRATION_ALGORITHMS",

@@ -17,18 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from export.tensorrt.calibration import CalibratorCore
-from export.tensorrt.engine_io import BuiltEngine, sha256_file
 from export.tensorrt.precision import (
     PRECISIONS,
-    api_generation,
     check_precision,
     layer_precisions,
     plan_precision,
-    require_tensorrt,
 )
 from export.tensorrt.sparsity import capturing_logger, sparse_weight_tensors, sparsity_record
 from lowrank_deploy.errors import ExportError, UserInputError
 from lowrank_deploy.io import atomic_write_bytes
+from runtime.trt_engine import BuiltEngine, api_generation, require_tensorrt, sha256_file
 
 OnnxSource = str | os.PathLike[str] | Callable[[], "str | os.PathLike[str]"]
 """A path to an ONNX file, or a callable returning one (loaders compose lazily)."""
@@ -120,6 +118,22 @@ class EngineFromOnnx:
         self.verify_precision = verify_precision
         self.sparse_weights = sparse_weights
 
+    def _set_profiles(self, builder: Any, config: Any, profile_shapes: list[Any], build: Any) -> None:
+        """The optimization profile of dynamic inputs, and the INT8 calibrator with its fixed-batch profile."""
+        if any(dynamic for _, _, dynamic in profile_shapes):
+            profile = builder.create_optimization_profile()
+            for name, (lo, opt, hi), _ in profile_shapes:
+                profile.set_shape(name, lo, opt, hi)  # pybind converts tuples to Dims
+            config.add_optimization_profile(profile)
+        if build.use_calibrator:
+            calib_batch = int(getattr(self.calibrator, "get_batch_size", lambda: self.batch.opt)())
+            calib_profile = builder.create_optimization_profile()
+            for name, (lo, _, _), _ in profile_shapes:
+                shape = (calib_batch, *lo[1:])
+                calib_profile.set_shape(name, shape, shape, shape)  # pybind converts tuples to Dims
+            config.int8_calibrator = self.calibrator
+            config.set_calibration_profile(calib_profile)
+
     def __call__(self) -> BuiltEngine:
         """Build the engine.
 
@@ -147,13 +161,7 @@ class EngineFromOnnx:
 
         logger = capturing_logger(trt) if sparse else trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
-        network = builder.create_network(0)  # explicit batch is implicit since 10.0; 11 is strongly typed
-        parser = trt.OnnxParser(network, logger)
-        ok = parser.parse(build.onnx_bytes) if build.onnx_bytes is not None else parser.parse_from_file(str(path))
-        if not ok:
-            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-            first = errors[0].strip().splitlines()[0] if errors and errors[0].strip() else "no error recorded"
-            raise ExportError(f"TensorRT could not parse {path.name} ({len(errors)} error(s)); first: {first}")
+        network = _parse_network(trt, builder, logger, build, path)
 
         config = builder.create_builder_config()
         if self.workspace_mib is not None:
@@ -164,19 +172,7 @@ class EngineFromOnnx:
             config.set_flag(getattr(trt.BuilderFlag, flag))
 
         profile_shapes = _input_profile_shapes(network, self.batch)
-        if any(dynamic for _, _, dynamic in profile_shapes):
-            profile = builder.create_optimization_profile()
-            for name, (lo, opt, hi), _ in profile_shapes:
-                profile.set_shape(name, lo, opt, hi)  # type: ignore[arg-type]  # pybind converts tuples to Dims
-            config.add_optimization_profile(profile)
-        if build.use_calibrator:
-            calib_batch = int(getattr(self.calibrator, "get_batch_size", lambda: self.batch.opt)())
-            calib_profile = builder.create_optimization_profile()
-            for name, (lo, _, _), _ in profile_shapes:
-                shape = (calib_batch, *lo[1:])
-                calib_profile.set_shape(name, shape, shape, shape)  # type: ignore[arg-type]  # pybind converts tuples to Dims
-            config.int8_calibrator = self.calibrator  # type: ignore[assignment]
-            config.set_calibration_profile(calib_profile)
+        self._set_profiles(builder, config, profile_shapes, build)
 
         cache_bytes = (
             self.timing_cache.read_bytes() if self.timing_cache is not None and self.timing_cache.is_file() else b""
@@ -191,14 +187,8 @@ class EngineFromOnnx:
                 "TensorRT log above"
             )
         plan = bytes(serialized)  # IHostMemory exposes the buffer protocol
-        core = getattr(self.calibrator, "core", None)
-        if build.use_calibrator and isinstance(core, CalibratorCore):
-            if core.errors:
-                raise ExportError(f"INT8 calibration failed: {core.errors[0]}")
-            if core.batcher.batches_served == 0 and not core.cache_read:
-                raise ExportError(
-                    f"INT8 calibration got no full batch of {core.batcher.batch_size} samples; give more data or a smaller batch"
-                )
+        if build.use_calibrator:
+            _check_calibration(self.calibrator)
         if self.timing_cache is not None:
             atomic_write_bytes(self.timing_cache, bytes(config.get_timing_cache().serialize()))
 
@@ -234,6 +224,39 @@ class EngineFromOnnx:
             "built_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         return BuiltEngine(plan=plan, metadata=metadata, layer_info=layer_info)
+
+
+def _parse_network(trt: Any, builder: Any, logger: Any, build: Any, path: Path) -> Any:
+    """The network parsed from the ONNX (the precision plan's converted bytes, or the file).
+
+    Raises:
+        ExportError: TensorRT could not parse it (the first parser error named).
+    """
+    network = builder.create_network(0)  # explicit batch is implicit since 10.0; 11 is strongly typed
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse(build.onnx_bytes) if build.onnx_bytes is not None else parser.parse_from_file(str(path))
+    if not ok:
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        first = errors[0].strip().splitlines()[0] if errors and errors[0].strip() else "no error recorded"
+        raise ExportError(f"TensorRT could not parse {path.name} ({len(errors)} error(s)); first: {first}")
+    return network
+
+
+def _check_calibration(calibrator: Any) -> None:
+    """Refuse an engine whose INT8 calibration failed or never saw a full batch.
+
+    Raises:
+        ExportError: naming the calibration error, or the batch size that was never filled.
+    """
+    core = getattr(calibrator, "core", None)
+    if not isinstance(core, CalibratorCore):
+        return
+    if core.errors:
+        raise ExportError(f"INT8 calibration failed: {core.errors[0]}")
+    if core.batcher.batches_served == 0 and not core.cache_read:
+        raise ExportError(
+            f"INT8 calibration got no full batch of {core.batcher.batch_size} samples; give more data or a smaller batch"
+        )
 
 
 def engine_from_onnx(

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from export.tensorrt.precision import MODELOPT_HINT, api_generation, require_tensorrt
+from export.tensorrt.precision import MODELOPT_HINT
 from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
 from lowrank_deploy.io import atomic_write_bytes
+from runtime.trt_engine import api_generation, require_tensorrt
 
 CALIBRATION_ALGORITHMS = ("entropy", "minmax")
 

@@ -124,7 +124,7 @@ def engine_parity(
 
 def record_parity(engine_path: str | os.PathLike[str], parity: Mapping[str, Any]) -> Path:
     """Add ``parity`` to the engine's sidecar (``model.plan.json``), rewriting it atomically; return its path."""
-    from export.tensorrt.engine_io import sidecar_path
+    from runtime.trt_engine import sidecar_path
 
     side = sidecar_path(engine_path)
     meta = read_json(side, what="engine sidecar")

@@ -14,14 +14,13 @@ are imported inside the functions.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lowrank_deploy.errors import ExportError, RuntimeUnavailableError, UserInputError
+from lowrank_deploy.errors import ExportError, UserInputError
 
 if TYPE_CHECKING:
     import onnx
@@ -30,47 +29,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 MODELOPT_HINT = (
     "python -m modelopt.onnx.quantization --onnx_path model.onnx --quantize_mode int8 --calibration_data calib.npy"
 )
-_INSTALL_HINT = (
-    "use the NVIDIA TensorRT container (docker/Dockerfile.x86) or JetPack on a Jetson (docker/Dockerfile.jetson)"
-)
 _FP16_MAX = float(np.finfo(np.float16).max)
-
-
-# TensorRT import and version dispatch -----------------------------------------------------------------
-
-
-def require_tensorrt() -> str:
-    """Import ``tensorrt`` and return its version string.
-
-    Raises:
-        RuntimeUnavailableError: if TensorRT is not installed, or older than 10.0.
-    """
-    try:
-        import tensorrt
-    except ImportError:
-        raise RuntimeUnavailableError(f"TensorRT is not installed: {_INSTALL_HINT}") from None
-    version = getattr(tensorrt, "__version__", None)
-    if version is None:  # e.g. only tensorrt-stubs' .pyi files: a namespace package without the library
-        raise RuntimeUnavailableError(
-            f"the importable 'tensorrt' is not the TensorRT library (no __version__; only type stubs?): {_INSTALL_HINT}"
-        )
-    api_generation(str(version))
-    return str(version)
-
-
-def api_generation(version: str) -> int:
-    """API generation of a TensorRT version string: ``10`` for 10.x, ``11`` for 11.x and newer.
-
-    Raises:
-        RuntimeUnavailableError: for a version older than 10 or an unparsable one.
-    """
-    match = re.match(r"^(\d+)\.", version)
-    if match is None:
-        raise RuntimeUnavailableError(f"cannot parse the TensorRT version {version!r}")
-    major = int(match.group(1))
-    if major < 10:
-        raise RuntimeUnavailableError(f"TensorRT {version} is too old; this project needs TensorRT 10.x or 11.x")
-    return 10 if major == 10 else 11
 
 
 # ONNX helpers: Q/DQ detection and the FP16 pass --------------------------------------------------------

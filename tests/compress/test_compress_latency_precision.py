@@ -131,11 +131,11 @@ def test_cli_latency_precision_reaches_the_latency_model(tmp_path: Path, monkeyp
     ],
 )
 def test_make_export_precision_int8_with_a_latency_target_plans_in_int8(tmp_path: Path, env, expected):
-    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+    from lowrank_deploy.pipeline import build_parser, plan_export, resolve
 
     tiny = f"{Path(__file__).resolve().parent / 'models.py'}:tiny_resnet"
     argv = ["export", "--model", tiny, "--method", "auto", "--weights", "random"]
-    values = _resolve(build_parser().parse_args(argv), {**env, "LRD_OUT": str(tmp_path)})
+    values = resolve(build_parser().parse_args(argv), {**env, "LRD_OUT": str(tmp_path)})
     _, stages = plan_export(values)
     compress_argv = stages[0].argv
     found = compress_argv[compress_argv.index("--latency-precision") :][:2] if expected else []

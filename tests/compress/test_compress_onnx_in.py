@@ -456,24 +456,24 @@ def test_compress_plan_then_apply_on_onnx(hand_file: Path, tmp_path: Path) -> No
 def test_lowrank_deploy_refuses_onnx_options_before_writing(
     hand_file: Path, tmp_path: Path, extra: list[str], message: str
 ) -> None:
-    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+    from lowrank_deploy.pipeline import build_parser, plan_export, resolve
 
     out = tmp_path / "out"
     argv = ["export", "--model", str(hand_file), "--out", str(out), *extra]
     with pytest.raises(UserInputError, match=message):
-        plan_export(_resolve(build_parser().parse_args(argv), {}))
+        plan_export(resolve(build_parser().parse_args(argv), {}))
     assert not out.exists()
 
 
 def test_lowrank_deploy_onnx_run_dir_is_named_after_the_file(hand_file: Path, tmp_path: Path) -> None:
-    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+    from lowrank_deploy.pipeline import build_parser, plan_export, resolve
 
     argv = ["export", "--model", str(hand_file), "--method", "svd", "--out", str(tmp_path)]
-    run_dir, stages = plan_export(_resolve(build_parser().parse_args(argv), {}))
+    run_dir, stages = plan_export(resolve(build_parser().parse_args(argv), {}))
     assert run_dir == tmp_path / "hand" / "svd"
     assert [s.name for s in stages] == ["compress", "export", "bench", "report"]
     with pytest.raises(UserInputError, match="does not exist"):
-        plan_export(_resolve(build_parser().parse_args([*argv[:2], str(tmp_path / "nope.onnx"), *argv[3:]]), {}))
+        plan_export(resolve(build_parser().parse_args([*argv[:2], str(tmp_path / "nope.onnx"), *argv[3:]]), {}))
 
 
 def test_compress_onnx_takes_auto_by_name(hand_file: Path) -> None:

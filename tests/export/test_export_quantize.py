@@ -310,10 +310,10 @@ def test_data_calibration_and_accuracy(tmp_path):
 
 @pytest.mark.parametrize(("precision", "stages"), [(None, []), ("int8", ["int8"]), ("fp16", ["fp16"])])
 def test_make_export_precision_adds_the_quantize_stage(tmp_path, precision, stages):
-    from lowrank_deploy.pipeline import _resolve, build_parser, plan_export
+    from lowrank_deploy.pipeline import build_parser, plan_export, resolve
 
     argv = ["export", "--model", "resnet18", "--weights", "random", "--out", str(tmp_path), "--threads", "1"]
-    values = _resolve(build_parser().parse_args(argv), {} if precision is None else {"LRD_PRECISION": precision})
+    values = resolve(build_parser().parse_args(argv), {} if precision is None else {"LRD_PRECISION": precision})
     _, plan = plan_export(values)
     names = [stage.name for stage in plan]
     assert names == ["compress", "export", *(["quantize"] if stages else []), "bench", "report"]

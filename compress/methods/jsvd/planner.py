@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -215,18 +215,7 @@ def plan_joint_svd(
         raise CompressionError(
             f"nothing to compress in {model_name}: no conv inside repeated blocks passes the rules; see the plan reasons"
         )
-    specs = []
-    for g in find_groups(model, candidates, config.method):
-        mods = [model.get_submodule(p) for p in g.members]
-        specs.append(
-            _GroupSpec(
-                group=g,
-                shapes=[tuple(int(v) for v in m.weight.shape) for m in mods],
-                dense=sum(layer_params(m) for m in mods),
-                biases=sum(_bias(m) for m in mods),
-                dense_macs=sum(dense_macs(m, geometry[pth]) for pth, m in zip(g.members, mods, strict=True)),
-            )
-        )
+    specs = _group_specs(model, candidates, config.method, geometry)
     p = Fraction(str(config.bi_p))
 
     def params_after(rho: Fraction) -> int:
@@ -257,34 +246,12 @@ def plan_joint_svd(
     layers_by_path: dict[str, LayerPlan] = dict(keep)
     group_info: list[dict[str, Any]] = []
     for s in specs:
-        g = s.group
-        ranks = group_ranks(s.shapes, g.scheme, rho, p)
-        private, shared = member_costs(s.shapes, g.scheme, ranks)
-        for k, path in enumerate(g.members):
-            module = model.get_submodule(path)
-            geom = geometry[path]
-            info: dict[str, Any] = {"group": g.name, "member": k, "size": len(g.members)}
-            if g.scheme != "tai":
-                info["shared"] = {"rjsvd": "V (1×F2 conv)", "ljsvd": "U (F1×1 conv)", "bijsvd": "V_r and U_l"}[g.scheme]
-            if k == 0 and shared:
-                info["shared_params"] = shared
-            layers_by_path[path] = LayerPlan(
-                path=path,
-                type="Conv2d",
-                shape=list(s.shapes[k]),
-                action=g.scheme,
-                ranks=list(ranks),
-                reason=None,
-                params_before=layer_params(module),
-                params_after=private[k] + _bias(module) + (shared if k == 0 else 0),
-                macs_before=dense_macs(module, geom),
-                macs_after=pair_macs(s.shapes[k], sum(ranks), geom),
-                in_hw=hw_list(geom.in_hw),
-                out_hw=hw_list(geom.out_hw),
-                info=info,
+        ranks = group_ranks(s.shapes, s.group.scheme, rho, p)
+        layers_by_path.update(_group_entries(model, s, ranks, geometry))
+        if s.group.scheme != "tai":
+            group_info.append(
+                {"name": s.group.name, "scheme": s.group.scheme, "ranks": list(ranks), "members": s.group.members}
             )
-        if g.scheme != "tai":
-            group_info.append({"name": g.name, "scheme": g.scheme, "ranks": list(ranks), "members": g.members})
 
     layers = [layers_by_path[pth] for pth, _ in model.named_modules() if pth in layers_by_path]
     totals = plan_totals(layers, total_params, total_macs)
@@ -308,6 +275,56 @@ def plan_joint_svd(
         totals=totals,
         warnings=warnings,
     )
+
+
+def _group_specs(model: nn.Module, candidates: list[str], method: str, geometry: dict[str, Any]) -> list[_GroupSpec]:
+    """The groups of same-shape convs (:func:`find_groups`) with their shapes, dense params, biases and MACs."""
+    specs = []
+    for g in find_groups(model, candidates, method):
+        mods = [model.get_submodule(p) for p in g.members]
+        specs.append(
+            _GroupSpec(
+                group=g,
+                shapes=[tuple(int(v) for v in m.weight.shape) for m in mods],
+                dense=sum(layer_params(m) for m in mods),
+                biases=sum(_bias(m) for m in mods),
+                dense_macs=sum(dense_macs(m, geometry[pth]) for pth, m in zip(g.members, mods, strict=True)),
+            )
+        )
+    return specs
+
+
+def _group_entries(
+    model: nn.Module, spec: _GroupSpec, ranks: Sequence[int], geometry: dict[str, Any]
+) -> dict[str, LayerPlan]:
+    """The plan entry of every member of one group at the group's ranks (the shared factor counted once)."""
+    g = spec.group
+    private, shared = member_costs(spec.shapes, g.scheme, ranks)
+    entries = {}
+    for k, path in enumerate(g.members):
+        module = model.get_submodule(path)
+        geom = geometry[path]
+        info: dict[str, Any] = {"group": g.name, "member": k, "size": len(g.members)}
+        if g.scheme != "tai":
+            info["shared"] = {"rjsvd": "V (1×F2 conv)", "ljsvd": "U (F1×1 conv)", "bijsvd": "V_r and U_l"}[g.scheme]
+        if k == 0 and shared:
+            info["shared_params"] = shared
+        entries[path] = LayerPlan(
+            path=path,
+            type="Conv2d",
+            shape=list(spec.shapes[k]),
+            action=g.scheme,
+            ranks=list(ranks),
+            reason=None,
+            params_before=layer_params(module),
+            params_after=private[k] + _bias(module) + (shared if k == 0 else 0),
+            macs_before=dense_macs(module, geom),
+            macs_after=pair_macs(spec.shapes[k], sum(ranks), geom),
+            in_hw=hw_list(geom.in_hw),
+            out_hw=hw_list(geom.out_hw),
+            info=info,
+        )
+    return entries
 
 
 def _choose_rho(

@@ -1,7 +1,9 @@
-"""Serialized engines on disk: ``model.plan`` plus its JSON sidecar, checked against this TensorRT and GPU.
+"""TensorRT import check and serialized engines on disk: ``model.plan`` plus its JSON sidecar.
 
-:func:`save_engine` writes both atomically; :func:`load_engine` refuses a plan built with another
-TensorRT version or on another GPU (engines are not portable). The GPU identity comes from
+:func:`require_tensorrt` imports ``tensorrt`` (lazily) and names the container when it is missing.
+:func:`save_engine` writes plan and sidecar atomically (the export's engine build); :func:`load_engine`
+refuses a plan built with another TensorRT version or on another GPU (engines are not portable), for the
+``trt`` runner. Both live in ``runtime`` so the runner needs nothing of ``export``. The GPU identity comes from
 :func:`lowrank_deploy.device.device_identity`, imported when a plan is loaded.
 """
 
@@ -9,18 +11,55 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.tensorrt.precision import require_tensorrt
 from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
 from lowrank_deploy.io import atomic_write_bytes, atomic_write_json, read_json
 from lowrank_deploy.rundir import ENGINE_SIDECAR_SUFFIX, MODEL_ENGINE
 
 SIDECAR_SUFFIX = ENGINE_SIDECAR_SUFFIX
 """The sidecar of ``model.plan`` is ``model.plan.json``."""
+_INSTALL_HINT = (
+    "use the NVIDIA TensorRT container (docker/Dockerfile.x86) or JetPack on a Jetson (docker/Dockerfile.jetson)"
+)
+
+
+def require_tensorrt() -> str:
+    """Import ``tensorrt`` and return its version string.
+
+    Raises:
+        RuntimeUnavailableError: if TensorRT is not installed, or older than 10.0.
+    """
+    try:
+        import tensorrt
+    except ImportError:
+        raise RuntimeUnavailableError(f"TensorRT is not installed: {_INSTALL_HINT}") from None
+    version = getattr(tensorrt, "__version__", None)
+    if version is None:  # e.g. only tensorrt-stubs' .pyi files: a namespace package without the library
+        raise RuntimeUnavailableError(
+            f"the importable 'tensorrt' is not the TensorRT library (no __version__; only type stubs?): {_INSTALL_HINT}"
+        )
+    api_generation(str(version))
+    return str(version)
+
+
+def api_generation(version: str) -> int:
+    """API generation of a TensorRT version string: ``10`` for 10.x, ``11`` for 11.x and newer.
+
+    Raises:
+        RuntimeUnavailableError: for a version older than 10 or an unparsable one.
+    """
+    match = re.match(r"^(\d+)\.", version)
+    if match is None:
+        raise RuntimeUnavailableError(f"cannot parse the TensorRT version {version!r}")
+    major = int(match.group(1))
+    if major < 10:
+        raise RuntimeUnavailableError(f"TensorRT {version} is too old; this project needs TensorRT 10.x or 11.x")
+    return 10 if major == 10 else 11
 
 
 @dataclass
