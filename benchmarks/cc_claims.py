@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,27 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for arm in args.arms:
             key = f"{arm}-f{flops:g}"
             box: list[Any] = []
-            if arm == "Tucker-2":
-                config: Any = method_config(
-                    "tucker2", ratio=None, flops=flops, round_to=1, min_rank=1, compress_linear=False
-                )
-
-                def apply(m: nn.Module, config: Any = config, box: list[Any] = box) -> Any:
-                    box.append(compress_(m, config, example, model_name=prepared.loaded.name))
-                    return box[-1]
-            else:
-                config = CollaborativeConfig(
-                    flops=flops,
-                    prune=arm != "decomposition-only",
-                    decompose=arm != "pruning-only",
-                    calibration_samples=args.calibration_samples,
-                    seed=args.seed,
-                )
-
-                def apply(m: nn.Module, config: Any = config, box: list[Any] = box) -> Any:
-                    box.append(compress_(m, config, example, data=batches, model_name=prepared.loaded.name))
-                    return box[-1]
-
+            apply = _arm_applier(arm, flops, args, example, batches, prepared.loaded.name, box)
             print(f"[{key}] compress + fine-tune …", file=sys.stderr)
             model, record = compress_and_finetune(dense, apply, data, finetune, example)
             plan = box[0]
@@ -141,13 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"(compress {record['compress_s']:.0f} s, fine-tune {record['finetune_s']:.0f} s)",
                 file=sys.stderr,
             )
-    paired = {}
-    for flops in args.flops:
-        base = f"CC-f{flops:g}"
-        for arm in args.arms:
-            other = f"{arm}-f{flops:g}"
-            if arm != "CC" and base in hits and other in hits:
-                paired[f"{base} vs {other}"] = mcnemar(hits[base], hits[other])
+    paired = _paired(args, hits)
     if args.latency_s > 0:
         print("ORT latency, all models interleaved …", file=sys.stderr)
         latency = ort_latency(models, input_shape, duration_s=args.latency_s * len(models), threads=args.threads)
@@ -163,6 +138,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "paired_after_finetune": paired,
     }
+
+
+def _arm_applier(
+    arm: str, flops: float, args: argparse.Namespace, example: torch.Tensor, batches: Any, name: str, box: list[Any]
+) -> Callable[[nn.Module], Any]:
+    """The compress step of one arm at one FLOPs target; each plan it makes is appended to ``box``."""
+    if arm == "Tucker-2":
+        config: Any = method_config("tucker2", ratio=None, flops=flops, round_to=1, min_rank=1, compress_linear=False)
+
+        def apply(m: nn.Module) -> Any:
+            box.append(compress_(m, config, example, model_name=name))
+            return box[-1]
+
+        return apply
+    config = CollaborativeConfig(
+        flops=flops,
+        prune=arm != "decomposition-only",
+        decompose=arm != "pruning-only",
+        calibration_samples=args.calibration_samples,
+        seed=args.seed,
+    )
+
+    def apply_cc(m: nn.Module) -> Any:
+        box.append(compress_(m, config, example, data=batches, model_name=name))
+        return box[-1]
+
+    return apply_cc
+
+
+def _paired(args: argparse.Namespace, hits: dict[str, Any]) -> dict[str, Any]:
+    """McNemar's test of CC against every other arm at each FLOPs target (after fine-tuning)."""
+    paired = {}
+    for flops in args.flops:
+        base = f"CC-f{flops:g}"
+        for arm in args.arms:
+            other = f"{arm}-f{flops:g}"
+            if arm != "CC" and base in hits and other in hits:
+                paired[f"{base} vs {other}"] = mcnemar(hits[base], hits[other])
+    return paired
 
 
 def render_markdown(result: dict[str, Any]) -> str:

@@ -233,44 +233,11 @@ def main() -> None:
         d, c = timer.measure([dense, model], shape, repeats=args.repeats)
         return d / c
 
-    builders = {
-        "auto": (_auto_builder(dense, example, args.round_to, calib, args.calibration_samples), True, (1.05, 50.0)),
-        "tucker2": (_lowrank_builder("tucker2", dense, example, args.round_to), True, (1.05, 100.0)),
-        "tai": (_lowrank_builder("tai", dense, example, args.round_to), True, (1.05, 100.0)),
-        "prune": (_prune_builder(dense, example, args.round_to), False, (0.02, 0.95)),
-    }
-    starts = {
-        "auto": lambda s: s,
-        "tucker2": lambda s: 1.6 * s,
-        "tai": lambda s: 1.6 * s,
-        "prune": lambda s: 1 - s**-0.5,
-    }
+    builders, starts = _arms(dense, example, args, calib)
     finetune = TrainConfig(
         epochs=1, max_steps=args.finetune_steps, lr=args.finetune_lr, seed=args.seed, eval_samples=args.eval_samples
     )
-    result: dict[str, Any] = {
-        "what": "accuracy at equal measured ORT speedups: auto vs uniform Tucker-2 vs Tai vs Torch-Pruning magnitude",
-        "model": args.model,
-        "data": data.info.name,
-        "input_shape": list(shape),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "dense": {
-            "training": {
-                "epochs": args.epochs,
-                "train_samples": len(data.train),
-                "wall_s": baseline.training.get("train_wall_s"),
-            },
-            "accuracy": baseline.accuracy.to_dict(),
-            "params": count_params(dense),
-            "macs": count_macs(dense, example),
-            "ort_ms_p50": dense_ms,
-        },
-        "finetune": {"steps": args.finetune_steps, "batch_size": finetune.batch_size, "lr": args.finetune_lr},
-        "latency": "ONNX Runtime CPU, batch 1, intra-op threads 1, interleaved medians (OrtTimer.measure)",
-        "environment": environment(1),
-        "runs": {},
-        "status": "running",
-    }
+    result = _result_header(args, baseline, dense, example, dense_ms, finetune.batch_size)
     models: dict[str, nn.Module] = {}
     hits: dict[str, torch.Tensor] = {}
     for target in args.speedups:
@@ -314,12 +281,7 @@ def main() -> None:
                 result["runs"][key]["mcnemar_vs_auto"] = mcnemar(hits[f"auto@{target:g}x"], hits[key])
             result["wall_s"] = time.perf_counter() - t_start
             write_results(args.out, result, markdown(result))
-    # one final interleaved timing of everything: the speedups in the table
-    names = list(models)
-    times = timer.measure([dense, *models.values()], shape, repeats=args.repeats)
-    for name, ms in zip(names, times[1:], strict=True):
-        result["runs"][name]["final_ms_p50"] = ms
-        result["runs"][name]["final_speedup"] = times[0] / ms
+    times = _final_timing(timer, dense, models, shape, args.repeats, result)
     result["final_dense_ms_p50"] = times[0]
     result["dense"]["hits_vs_dense"] = int(dense_hits.sum())
     result["verdict"] = verdict(result)
@@ -327,6 +289,74 @@ def main() -> None:
     result["wall_s"] = time.perf_counter() - t_start
     write_results(args.out, result, markdown(result))
     plot(result, args.out.with_suffix(".png"))
+
+
+def _arms(
+    dense: nn.Module, example: torch.Tensor, args: argparse.Namespace, calib: Any
+) -> tuple[dict[str, Any], dict[str, Callable[[float], float]]]:
+    """Each arm's builder, whether its knob is searched in log space and its bounds; and its first knob value."""
+    builders = {
+        "auto": (_auto_builder(dense, example, args.round_to, calib, args.calibration_samples), True, (1.05, 50.0)),
+        "tucker2": (_lowrank_builder("tucker2", dense, example, args.round_to), True, (1.05, 100.0)),
+        "tai": (_lowrank_builder("tai", dense, example, args.round_to), True, (1.05, 100.0)),
+        "prune": (_prune_builder(dense, example, args.round_to), False, (0.02, 0.95)),
+    }
+    starts = {
+        "auto": lambda s: s,
+        "tucker2": lambda s: 1.6 * s,
+        "tai": lambda s: 1.6 * s,
+        "prune": lambda s: 1 - s**-0.5,
+    }
+    return builders, starts
+
+
+def _result_header(
+    args: argparse.Namespace,
+    baseline: Any,
+    dense: nn.Module,
+    example: torch.Tensor,
+    dense_ms: float,
+    finetune_batch: int,
+) -> dict[str, Any]:
+    """The result file before any run: settings, the dense model's training, accuracy, size and latency."""
+    from compress.metrics import count_macs, count_params
+
+    data, shape = baseline.data, baseline.input_shape
+    return {
+        "what": "accuracy at equal measured ORT speedups: auto vs uniform Tucker-2 vs Tai vs Torch-Pruning magnitude",
+        "model": args.model,
+        "data": data.info.name,
+        "input_shape": list(shape),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "dense": {
+            "training": {
+                "epochs": args.epochs,
+                "train_samples": len(data.train),
+                "wall_s": baseline.training.get("train_wall_s"),
+            },
+            "accuracy": baseline.accuracy.to_dict(),
+            "params": count_params(dense),
+            "macs": count_macs(dense, example),
+            "ort_ms_p50": dense_ms,
+        },
+        "finetune": {"steps": args.finetune_steps, "batch_size": finetune_batch, "lr": args.finetune_lr},
+        "latency": "ONNX Runtime CPU, batch 1, intra-op threads 1, interleaved medians (OrtTimer.measure)",
+        "environment": environment(1),
+        "runs": {},
+        "status": "running",
+    }
+
+
+def _final_timing(
+    timer: Any, dense: nn.Module, models: dict[str, nn.Module], shape: Any, repeats: int, result: dict[str, Any]
+) -> list[float]:
+    """One final interleaved timing of every model (the table's speed-ups), recorded in ``result``'s runs."""
+    names = list(models)
+    times = timer.measure([dense, *models.values()], shape, repeats=repeats)
+    for name, ms in zip(names, times[1:], strict=True):
+        result["runs"][name]["final_ms_p50"] = ms
+        result["runs"][name]["final_speedup"] = times[0] / ms
+    return times
 
 
 def verdict(result: dict[str, Any]) -> dict[str, Any]:

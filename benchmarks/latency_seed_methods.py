@@ -31,6 +31,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,7 @@ def _json_safe(value: Any) -> Any:
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Build, fine-tune, evaluate and time every arm; the result file is rewritten after each."""
-    from compress.latency import LatencyModel
     from compress.latency.ort_timing import OrtTimer
-    from compress.latency.solve import compress_to_latency_
 
     t_start = time.perf_counter()
     baseline = dense_baseline(
@@ -92,42 +91,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     probe = {b: timer.measure([dense], [b, *input_shape[1:]], repeats=30)[0] for b in sorted({1, args.batch})}
     dense_params, dense_macs = count_params(dense), count_macs(dense, example)
     dense_hits = predictions(dense, data.test)
-    result: dict[str, Any] = {
-        "benchmark": "latency_seed_methods",
-        "command": "OMP_NUM_THREADS=1 python -m benchmarks.latency_seed_methods " + shlex.join(argv),
-        "model": name,
-        "data": data.info.to_dict(),
-        "latency": {
-            "runtime": "onnxruntime CPU, 1 intra-op thread",
-            "batch": args.batch,
-            "dense_ms_by_batch": {str(b): ms for b, ms in probe.items()},
-            "batch_note": args.batch_note,
-            "interleaved_repeats": args.repeats,
-        },
-        "budget": {
-            "train_samples": len(data.train),
-            "dense_epochs": args.epochs,
-            "finetune_steps": args.finetune_steps,
-            "finetune_batch": finetune.batch_size,
-            "finetune_lr": args.finetune_lr,
-            "calibration": {k: v.get("calibration_samples") for k, v in METHODS.items() if k in DATA_METHODS},
-            "cc_curve_points": METHODS["cc"]["curve_points"],
-            "solve_rounds": 3,
-            "test_images": len(dense_hits),
-            "time_limit_s": args.time_limit_s,
-            "note": "cut to fit a 35-minute wall budget on 2 shared, loaded CPU cores; the dense training is cached",
-        },
-        "targets": {"speedup": args.speedup, "flops": args.flops},
-        "dense": {
-            "params": dense_params,
-            "macs": dense_macs,
-            "top1": float(dense_hits.float().mean()),
-            "train_wall_s": baseline.training["train_wall_s"],
-        },
-        "rows": {},
-        "complete": False,
-        "environment": environment(1),
-    }
+    sizes = (dense_params, dense_macs)
+    result = _result_header(args, argv, name, data, probe, finetune.batch_size, dense_hits, baseline, sizes)
     models: dict[str, nn.Module] = {}
 
     def save(reason: str | None) -> None:
@@ -150,34 +115,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 return finish(result, models, dense, timer, time_shape, args, save, partial=True)
             print(f"[{key}] compress + fine-tune + evaluate …", file=sys.stderr)
             t0 = time.perf_counter()
-            if arm == "speedup":
-                config = method.make_config(None, use_default_target=True, **options)
-                latency = LatencyModel(threads=1, batch=args.batch)
-
-                def apply(
-                    m: nn.Module,
-                    method: Any = method,
-                    config: Any = config,
-                    latency: Any = latency,
-                    data_arg: Any = data_arg,
-                ) -> Any:
-                    return compress_to_latency_(
-                        method,
-                        dense,
-                        m,
-                        config,
-                        Target("speedup", args.speedup),
-                        example,
-                        data=data_arg,
-                        model_name=name,
-                        latency=latency,
-                    )
-            else:
-                config = method.make_config(Target("flops", args.flops), **options)
-
-                def apply(m: nn.Module, method: Any = method, config: Any = config, data_arg: Any = data_arg) -> Any:
-                    return method.compress_(m, config, example, data=data_arg, model_name=name)
-
+            config, apply = _arm_applier(arm, method, options, args, dense, example, data_arg, name)
             try:
                 model, record = compress_and_finetune(dense, apply, data, finetune, example)
                 record.pop("finetune_history", None)
@@ -201,6 +139,89 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             result["rows"][key] = record
             save("running")
     return finish(result, models, dense, timer, time_shape, args, save, partial=False)
+
+
+def _arm_applier(
+    arm: str,
+    method: Any,
+    options: dict[str, Any],
+    args: argparse.Namespace,
+    dense: nn.Module,
+    example: torch.Tensor,
+    data_arg: Any,
+    name: str,
+) -> tuple[Any, Callable[[nn.Module], Any]]:
+    """One arm's config and compress step: the latency solve to ``SPEEDUP``, or the method at ``FLOPS``."""
+    from compress.latency import LatencyModel
+    from compress.latency.solve import compress_to_latency_
+
+    if arm == "speedup":
+        config = method.make_config(None, use_default_target=True, **options)
+        latency = LatencyModel(threads=1, batch=args.batch)
+
+        def apply(m: nn.Module) -> Any:
+            target = Target("speedup", args.speedup)
+            return compress_to_latency_(
+                method, dense, m, config, target, example, data=data_arg, model_name=name, latency=latency
+            )
+
+        return config, apply
+    config = method.make_config(Target("flops", args.flops), **options)
+
+    def apply_at_flops(m: nn.Module) -> Any:
+        return method.compress_(m, config, example, data=data_arg, model_name=name)
+
+    return config, apply_at_flops
+
+
+def _result_header(
+    args: argparse.Namespace,
+    argv: list[str],
+    name: str,
+    data: Any,
+    probe: dict[int, float],
+    finetune_batch: int,
+    dense_hits: torch.Tensor,
+    baseline: Any,
+    sizes: tuple[int, int],
+) -> dict[str, Any]:
+    """The result file before any row: command, model, data, latency settings, budget, targets, the dense model."""
+    return {
+        "benchmark": "latency_seed_methods",
+        "command": "OMP_NUM_THREADS=1 python -m benchmarks.latency_seed_methods " + shlex.join(argv),
+        "model": name,
+        "data": data.info.to_dict(),
+        "latency": {
+            "runtime": "onnxruntime CPU, 1 intra-op thread",
+            "batch": args.batch,
+            "dense_ms_by_batch": {str(b): ms for b, ms in probe.items()},
+            "batch_note": args.batch_note,
+            "interleaved_repeats": args.repeats,
+        },
+        "budget": {
+            "train_samples": len(data.train),
+            "dense_epochs": args.epochs,
+            "finetune_steps": args.finetune_steps,
+            "finetune_batch": finetune_batch,
+            "finetune_lr": args.finetune_lr,
+            "calibration": {k: v.get("calibration_samples") for k, v in METHODS.items() if k in DATA_METHODS},
+            "cc_curve_points": METHODS["cc"]["curve_points"],
+            "solve_rounds": 3,
+            "test_images": len(dense_hits),
+            "time_limit_s": args.time_limit_s,
+            "note": "cut to fit a 35-minute wall budget on 2 shared, loaded CPU cores; the dense training is cached",
+        },
+        "targets": {"speedup": args.speedup, "flops": args.flops},
+        "dense": {
+            "params": sizes[0],
+            "macs": sizes[1],
+            "top1": float(dense_hits.float().mean()),
+            "train_wall_s": baseline.training["train_wall_s"],
+        },
+        "rows": {},
+        "complete": False,
+        "environment": environment(1),
+    }
 
 
 def finish(

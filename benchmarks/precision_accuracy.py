@@ -160,45 +160,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         epochs=1, lr=args.finetune_lr, warmup_epochs=0, max_steps=args.finetune_steps, seed=args.seed
     )
     dense_params, dense_macs = count_params(dense), count_macs(dense, example)
-    result: dict[str, Any] = {
-        "benchmark": "precision_accuracy",
-        "command": "python -m benchmarks.precision_accuracy " + shlex.join(argv),
-        "claim": f"INT8 (static PTQ) costs <= {CLAIM_POINTS} points of top-1, dense and fine-tuned compressed",
-        "model": prepared.loaded.name,
-        "data": data.info.to_dict(),
-        "budget": {
-            "train_samples": len(data.train),
-            "dense_epochs": args.epochs,
-            "finetune_steps": args.finetune_steps,
-            "finetune_batch": finetune.batch_size,
-            "finetune_lr": args.finetune_lr,
-            "method_calibration_samples": args.calibration_samples or "each method's default",
-            "test_images": len(test[1]),
-            "note": "cut to fit a 25-minute wall budget on 2 shared CPU cores; the dense training is cached",
-        },
-        "targets": {arm: ("FLOPS=0.5 (cc's default)" if arm == "cc" else f"RATIO={args.ratio:g}") for arm in args.arms},
-        "quantization": {
-            "api": "export.quantize.quantize_int8 (quant_pre_process + quantize_static)",
-            "formats": args.formats,
-            "variants": list(variants),
-            "per_channel": True,
-            "calibration": {
-                "source": "data",
-                "n": len(calib),
-                "method": "minmax",
-                "seed": args.seed,
-                "split": "train (seeded calibration subset)",
-            },
-            "float_rules": list(RULES),
-            "float_min_rank": MIN_FLOAT_RANK,
-            "runtime": "onnxruntime CPU, 1 intra-op thread",
-        },
-        "dense_training": baseline.train_config.to_dict(),
-        "finetune": finetune.to_dict(),
-        "rows": {},
-        "complete": False,
-        "environment": {**environment(1), "cpu_int8": cpu_int8_support()},
-    }
+    result = _result_header(args, argv, prepared, data, baseline, finetune, test, calib, variants)
 
     def save(reason: str | None = None) -> None:
         result["wall_s"] = time.perf_counter() - t_start
@@ -251,6 +213,59 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     result["summary"] = summary(result)
     save(None)
     return result
+
+
+def _result_header(
+    args: argparse.Namespace,
+    argv: list[str],
+    prepared: Any,
+    data: Any,
+    baseline: Any,
+    finetune: TrainConfig,
+    test: Any,
+    calib: Any,
+    variants: dict[str, tuple[str, list[str] | None]],
+) -> dict[str, Any]:
+    """The result file before any row: command, claim, model, data, budget, targets and quantization settings."""
+    return {
+        "benchmark": "precision_accuracy",
+        "command": "python -m benchmarks.precision_accuracy " + shlex.join(argv),
+        "claim": f"INT8 (static PTQ) costs <= {CLAIM_POINTS} points of top-1, dense and fine-tuned compressed",
+        "model": prepared.loaded.name,
+        "data": data.info.to_dict(),
+        "budget": {
+            "train_samples": len(data.train),
+            "dense_epochs": args.epochs,
+            "finetune_steps": args.finetune_steps,
+            "finetune_batch": finetune.batch_size,
+            "finetune_lr": args.finetune_lr,
+            "method_calibration_samples": args.calibration_samples or "each method's default",
+            "test_images": len(test[1]),
+            "note": "cut to fit a 25-minute wall budget on 2 shared CPU cores; the dense training is cached",
+        },
+        "targets": {arm: ("FLOPS=0.5 (cc's default)" if arm == "cc" else f"RATIO={args.ratio:g}") for arm in args.arms},
+        "quantization": {
+            "api": "export.quantize.quantize_int8 (quant_pre_process + quantize_static)",
+            "formats": args.formats,
+            "variants": list(variants),
+            "per_channel": True,
+            "calibration": {
+                "source": "data",
+                "n": len(calib),
+                "method": "minmax",
+                "seed": args.seed,
+                "split": "train (seeded calibration subset)",
+            },
+            "float_rules": list(RULES),
+            "float_min_rank": MIN_FLOAT_RANK,
+            "runtime": "onnxruntime CPU, 1 intra-op thread",
+        },
+        "dense_training": baseline.train_config.to_dict(),
+        "finetune": finetune.to_dict(),
+        "rows": {},
+        "complete": False,
+        "environment": {**environment(1), "cpu_int8": cpu_int8_support()},
+    }
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:

@@ -49,25 +49,7 @@ ARMS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="cifar_resnet18_w0.25")
-    p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--train-samples", type=int, default=20000, help="seeded training subset (same for every arm)")
-    p.add_argument("--epochs", type=int, default=4, help="dense training epochs of every arm")
-    p.add_argument("--expansion", type=int, default=2, help="ExpandNets rate (the method's default is 4)")
-    p.add_argument("--orth-weight", type=float, default=1e-4)
-    p.add_argument("--ratios", type=float, nargs="+", default=[3.0, 8.0])
-    p.add_argument("--round-to", type=int, default=4)
-    p.add_argument("--min-rank", type=int, default=4)
-    p.add_argument("--finetune-epochs", type=int, default=1)
-    p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--latency-s", type=float, default=4.0, help="seconds of ORT timing per model (0 = skip)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", type=Path, default=Path("artifacts/bench"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/vbmf_tucker_claims.json"))
-    p.add_argument("--render", type=Path, default=None, help="only print the Markdown tables of a result file")
-    args = p.parse_args(argv)
+    args = _parser().parse_args(argv)
     if args.render is not None:
         import json
 
@@ -91,32 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
     meta = {"model_spec": prepared.loaded.spec, "data": data.info.name, "train_samples": len(data.train)}
 
-    dense_models: dict[str, torch.nn.Module] = {}
-    dense_rows: dict[str, Any] = {}
-    for name, recipe in arms.items():
-        model = copy.deepcopy(prepared.loaded.model)
-        model.load_state_dict(base_state)  # every arm starts from the same initialisation
-        folder = (
-            args.cache
-            / prepared.loaded.name
-            / f"vbmf-{data.info.name}-n{len(data.train)}-e{args.epochs}{recipe.tag() or '-plain'}"
-        )
-        print(f"[{name}] training {recipe.to_dict()} in {folder} …", file=sys.stderr)
-        record = train_overparameterized(
-            model, data, train_cfg, folder, recipe, meta=meta, device="cpu", progress=False
-        )
-        model.eval()
-        acc = evaluate(model, data.test)
-        dense_rows[name] = {
-            "recipe": recipe.to_dict(),
-            "training": record,
-            "accuracy": acc.to_dict(),
-            "params": count_params(model),
-            "macs": count_macs(model, example),
-            "plain_evbmf": _plain_evbmf(model, example, args),
-        }
-        dense_models[name] = model
-        print(f"[{name}] dense {100 * acc.top1:.2f}%  EVBMF(ω=1) {dense_rows[name]['plain_evbmf']}", file=sys.stderr)
+    dense_models, dense_rows = _train_arms(args, arms, prepared, base_state, train_cfg, meta, example)
 
     finetune = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, warmup_epochs=0, seed=args.seed)
     variants = [
@@ -126,42 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         ("expand+ortho", "evbmf"),
         ("expand+ortho", "uniform"),
     ]
-    rows: list[dict[str, Any]] = []
-    compressed_models: dict[str, torch.nn.Module] = {"dense/plain": dense_models["plain"]}
-    for ratio in args.ratios:
-        for arm, rule in variants:
-            config = _config(rule, ratio, args)
-            key = f"{arm}/{rule}/x{ratio:g}"
-            print(f"[{key}] compress + fine-tune …", file=sys.stderr)
-            plan_box: list[Any] = []
-
-            def compress_fn(m: torch.nn.Module, config: Any = config, box: list[Any] = plan_box) -> Any:
-                plan = compress_(m, config, example, model_name=args.model)
-                box.append(plan)
-                return plan
-
-            model, record = compress_and_finetune(dense_models[arm], compress_fn, data, finetune, example)
-            plan = plan_box[0]
-            record.update(
-                arm=arm,
-                rank_rule=rule,
-                ratio_target=ratio,
-                ratio_achieved=dense_rows[arm]["params"] / record["params"],
-                mac_ratio=dense_rows[arm]["macs"] / record["macs"],
-                knob=plan.target["knob"],
-                rule_used=plan.target["rank_rule"],
-                ranks={e.path: e.ranks for e in plan.factorized_layers},
-                evbmf_ranks={e.path: e.info.get("evbmf_ranks") for e in plan.factorized_layers},
-                warnings=plan.warnings,
-            )
-            record.pop("plan", None)
-            rows.append({"key": key, **record})
-            compressed_models[key] = model
-            print(
-                f"[{key}] ×{record['ratio_achieved']:.2f} raw {100 * record['raw']['top1']:.2f}% → "
-                f"{100 * record['finetuned']['top1']:.2f}%",
-                file=sys.stderr,
-            )
+    rows, compressed_models = _compress_variants(args, variants, dense_models, dense_rows, data, finetune, example)
 
     latency: dict[str, Any] | None = None
     if args.latency_s > 0:
@@ -200,6 +122,119 @@ def main(argv: list[str] | None = None) -> int:
     print(render_markdown(result), file=sys.stderr)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="cifar_resnet18_w0.25")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--train-samples", type=int, default=20000, help="seeded training subset (same for every arm)")
+    p.add_argument("--epochs", type=int, default=4, help="dense training epochs of every arm")
+    p.add_argument("--expansion", type=int, default=2, help="ExpandNets rate (the method's default is 4)")
+    p.add_argument("--orth-weight", type=float, default=1e-4)
+    p.add_argument("--ratios", type=float, nargs="+", default=[3.0, 8.0])
+    p.add_argument("--round-to", type=int, default=4)
+    p.add_argument("--min-rank", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--latency-s", type=float, default=4.0, help="seconds of ORT timing per model (0 = skip)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", type=Path, default=Path("artifacts/bench"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/vbmf_tucker_claims.json"))
+    p.add_argument("--render", type=Path, default=None, help="only print the Markdown tables of a result file")
+    return p
+
+
+def _train_arms(
+    args: argparse.Namespace,
+    arms: dict[str, DenseTraining],
+    prepared: Any,
+    base_state: dict[str, Any],
+    train_cfg: TrainConfig,
+    meta: dict[str, Any],
+    example: torch.Tensor,
+) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
+    """Train every arm's dense model from the same initialisation (cached); its accuracy, size and EVBMF ranks."""
+    data = prepared.data
+    dense_models: dict[str, torch.nn.Module] = {}
+    dense_rows: dict[str, Any] = {}
+    for name, recipe in arms.items():
+        model = copy.deepcopy(prepared.loaded.model)
+        model.load_state_dict(base_state)  # every arm starts from the same initialisation
+        folder = (
+            args.cache
+            / prepared.loaded.name
+            / f"vbmf-{data.info.name}-n{len(data.train)}-e{args.epochs}{recipe.tag() or '-plain'}"
+        )
+        print(f"[{name}] training {recipe.to_dict()} in {folder} …", file=sys.stderr)
+        record = train_overparameterized(
+            model, data, train_cfg, folder, recipe, meta=meta, device="cpu", progress=False
+        )
+        model.eval()
+        acc = evaluate(model, data.test)
+        dense_rows[name] = {
+            "recipe": recipe.to_dict(),
+            "training": record,
+            "accuracy": acc.to_dict(),
+            "params": count_params(model),
+            "macs": count_macs(model, example),
+            "plain_evbmf": _plain_evbmf(model, example, args),
+        }
+        dense_models[name] = model
+        print(f"[{name}] dense {100 * acc.top1:.2f}%  EVBMF(ω=1) {dense_rows[name]['plain_evbmf']}", file=sys.stderr)
+
+    return dense_models, dense_rows
+
+
+def _compress_variants(
+    args: argparse.Namespace,
+    variants: list[tuple[str, str]],
+    dense_models: dict[str, torch.nn.Module],
+    dense_rows: dict[str, Any],
+    data: Any,
+    finetune: TrainConfig,
+    example: torch.Tensor,
+) -> tuple[list[dict[str, Any]], dict[str, torch.nn.Module]]:
+    """Compress and fine-tune every (arm, rank rule) at every ratio; the rows and the models to time."""
+    rows: list[dict[str, Any]] = []
+    compressed_models: dict[str, torch.nn.Module] = {"dense/plain": dense_models["plain"]}
+    for ratio in args.ratios:
+        for arm, rule in variants:
+            config = _config(rule, ratio, args)
+            key = f"{arm}/{rule}/x{ratio:g}"
+            print(f"[{key}] compress + fine-tune …", file=sys.stderr)
+            plan_box: list[Any] = []
+
+            def compress_fn(m: torch.nn.Module, config: Any = config, box: list[Any] = plan_box) -> Any:
+                plan = compress_(m, config, example, model_name=args.model)
+                box.append(plan)
+                return plan
+
+            model, record = compress_and_finetune(dense_models[arm], compress_fn, data, finetune, example)
+            plan = plan_box[0]
+            record.update(
+                arm=arm,
+                rank_rule=rule,
+                ratio_target=ratio,
+                ratio_achieved=dense_rows[arm]["params"] / record["params"],
+                mac_ratio=dense_rows[arm]["macs"] / record["macs"],
+                knob=plan.target["knob"],
+                rule_used=plan.target["rank_rule"],
+                ranks={e.path: e.ranks for e in plan.factorized_layers},
+                evbmf_ranks={e.path: e.info.get("evbmf_ranks") for e in plan.factorized_layers},
+                warnings=plan.warnings,
+            )
+            record.pop("plan", None)
+            rows.append({"key": key, **record})
+            compressed_models[key] = model
+            print(
+                f"[{key}] ×{record['ratio_achieved']:.2f} raw {100 * record['raw']['top1']:.2f}% → "
+                f"{100 * record['finetuned']['top1']:.2f}%",
+                file=sys.stderr,
+            )
+
+    return rows, compressed_models
 
 
 def _pct(acc: dict[str, Any] | None) -> str:

@@ -23,12 +23,7 @@ FUNCTION_PACKAGES = (*PACKAGES, "benchmarks")
 LONG_FUNCTIONS = {
     "compress/methods/cc/planner.py:plan_cc",
     "compress/methods/auto.py:plan_auto",
-    "benchmarks/vbmf_tucker_claims.py:main",
-    "benchmarks/latency_seed_methods.py:run",
-    "benchmarks/latency_accuracy.py:main",
-    "benchmarks/precision_accuracy.py:run",
     "compress/latency/solve.py:compress_to_latency_",
-    "benchmarks/cc_claims.py:run",
 }
 
 # The floors, lowest first (docs/layout.md). A module's floor is the one of its longest matching prefix.
