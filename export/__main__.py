@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_cli(args)
     with run_lock(args.run_dir, stage="export"):
         if _onnx_input_run(args.run_dir):  # MODEL=path/to/model.onnx: agreement with the original ONNX
-            from compress.onnx_in.run import export_onnx_run
+            from export.onnx_input import export_onnx_run
 
             return export_onnx_run(args)
         return _export_run(args)

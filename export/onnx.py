@@ -43,7 +43,7 @@ import onnx
 
 from export._util import eval_mode, first_line
 from lowrank_deploy.errors import ExportError, UserInputError
-from lowrank_deploy.io import atomic_path
+from lowrank_deploy.io import atomic_write_onnx
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,6 @@ __all__ = [
 #: Lowest opset the torch.export-based exporter emits natively (torch 2.9–2.14).
 MIN_EXPORT_OPSET = 18
 #: Protobuf cannot serialise a message of 2 GiB or more; we never write external data.
-_MAX_PROTO_BYTES = 2**31 - 1
 _FLOAT_TYPES = frozenset(
     {
         onnx.TensorProto.FLOAT,
@@ -226,16 +225,7 @@ def save_onnx(model_proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Pat
     Raises:
         ExportError: if the model does not fit in one protobuf file (2 GB).
     """
-    size = model_proto.ByteSize()
-    if size > _MAX_PROTO_BYTES:
-        raise ExportError(
-            f"ONNX model is {size / 2**30:.2f} GiB; a single-file ONNX model must stay under 2 GiB "
-            "(compress the model further or export a smaller variant)"
-        )
-    dest = Path(path)
-    with atomic_path(dest) as tmp:
-        tmp.write_bytes(model_proto.SerializeToString())
-    return dest
+    return atomic_write_onnx(model_proto, path)
 
 
 def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:

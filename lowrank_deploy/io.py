@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_deploy.errors import ExportError, UserInputError
 
 TEMP_MARKER = ".lrd-tmp"
 """What :func:`atomic_path` puts between the random part and the suffix: ``.model.<8 random>.lrd-tmp.onnx``."""
@@ -114,6 +114,30 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+MAX_PROTO_BYTES = 2**31 - 1
+"""A single-file ONNX model (one protobuf) must stay under 2 GiB."""
+
+
+def atomic_write_onnx(model_proto: Any, path: str | os.PathLike[str]) -> Path:
+    """Write an ONNX ``ModelProto`` to ``path`` as one self-contained file, atomically; return ``path``.
+
+    Needs no ``onnx`` import: the proto serializes itself. :func:`export.onnx.save_onnx` is this function.
+
+    Raises:
+        ExportError: if the model does not fit in one protobuf file (2 GB).
+    """
+    size = model_proto.ByteSize()
+    if size > MAX_PROTO_BYTES:
+        raise ExportError(
+            f"ONNX model is {size / 2**30:.2f} GiB; a single-file ONNX model must stay under 2 GiB "
+            "(compress the model further or export a smaller variant)"
+        )
+    dest = Path(path)
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(model_proto.SerializeToString())
+    return dest
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -50,8 +50,6 @@ FLOOR_NAMES = {0: "foundation", 1: "runtime", 2: "compress", 3: "export", 4: "ch
 KNOWN_UPWARD: dict[tuple[str, str], str] = {
     ("compress.latency.int8", "export.quantize"): "int8 block timing quantizes like `export quantize`",
     ("compress.latency.int8", "export.quantize.rules"): "int8 block timing quantizes like `export quantize`",
-    ("compress.onnx_in.run", "export.onnx"): "an ONNX-input run writes its ONNX with the export's writer",
-    ("compress.onnx_in.run", "export.parity"): "an ONNX-input run's export stage lives beside its compress stage",
     ("runtime.torch_runner", "compress.artifacts"): "the torch backend rebuilds a compress run (lazy, optional)",
     ("runtime.__main__", "compress.progress"): "heartbeat: moves to the foundation",
 }

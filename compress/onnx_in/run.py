@@ -5,7 +5,7 @@
 (the rewritten graph) and ``compress.json``, whose ``digests`` name those files and whose ``source``
 records the original file and its SHA-256. ``python -m export onnx --run-dir D`` (:func:`export_onnx_run`)
 then measures, with ONNX Runtime on seeded inputs, the **agreement with the original ONNX** of both files
-(``parity.json``, ``"reference": "original ONNX"``): ``dense.onnx`` must reproduce it within the export
+(``parity.json``, ``"reference": "original ONNX"``; :mod:`export.onnx_input`): ``dense.onnx`` must reproduce it within the export
 tolerances; ``model.onnx`` is an approximation, so its numbers are recorded, and only non-finite outputs fail.
 The bench, quantize and report stages then run unchanged on the two ONNX files. ``DATA=<folder of .npy
 model inputs>`` makes the channel-SVD family data-aware (:mod:`compress.onnx_in.data`).
@@ -18,20 +18,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from compress.onnx_in.core import analyze_onnx, apply_onnx_plan, onnx_agreement, plan_onnx
 from compress.onnx_in.data import load_npy_inputs
-from compress.onnx_in.graph import input_specs, load_input_model, ort_run, seeded_feeds
 from compress.onnx_in.planner import check_onnx_method
 from compress.plan import Plan
-from lowrank_deploy.errors import ParityError, UserInputError
+from lowrank_deploy.errors import UserInputError
+from lowrank_deploy.io import atomic_write_onnx
 
 __all__ = [
+    "DENSE_FILE",
+    "MODEL_FILE",
+    "PLAN_FILE",
     "REFERENCE",
     "SOURCE_KEY",
     "check_onnx_export",
-    "export_onnx_run",
     "is_onnx_run",
     "plan_onnx_cli",
     "run_onnx",
@@ -39,7 +39,8 @@ __all__ = [
 
 SOURCE_KEY = "source"
 REFERENCE = "original ONNX"
-_PLAN, _DENSE, _MODEL = "plan.json", "dense.onnx", "model.onnx"
+PLAN_FILE, DENSE_FILE, MODEL_FILE = "plan.json", "dense.onnx", "model.onnx"
+_PLAN, _DENSE, _MODEL = PLAN_FILE, DENSE_FILE, MODEL_FILE
 
 
 def _refuse_unsupported(args: argparse.Namespace) -> None:
@@ -62,7 +63,6 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
 def run_onnx(args: argparse.Namespace, plan_path: str | None = None) -> int:
     """``python -m compress run|apply --model path/to/model.onnx``: plan (or read ``plan_path``), rewrite, write the run."""
     from compress.cli.options import config_from_args, target_from_args
-    from export.onnx import save_onnx
     from lowrank_deploy.integrity import DIGESTS, file_digests, sha256_file
     from lowrank_deploy.io import ensure_writable_dir
     from lowrank_deploy.rundir import CompressRecord
@@ -95,8 +95,8 @@ def run_onnx(args: argparse.Namespace, plan_path: str | None = None) -> int:
 
     folder = ensure_writable_dir(args.run_dir)
     plan.save(folder / _PLAN)  # first: the chain clears the later stages' files (dense/model.onnx too) on it
-    save_onnx(graph.model, folder / _DENSE)
-    save_onnx(model, folder / _MODEL)
+    atomic_write_onnx(graph.model, folder / _DENSE)
+    atomic_write_onnx(model, folder / _MODEL)
     totals = plan.totals
     dense = {"params": totals["params_before"], "macs": totals["macs_before"]}
     comp = {"params": totals["params_after_measured"], "macs": totals["macs_after_measured"]}
@@ -186,89 +186,6 @@ def is_onnx_run(run_dir: str | Path) -> bool:
     return (
         isinstance(data, dict) and isinstance(data.get(SOURCE_KEY), dict) and data[SOURCE_KEY].get("format") == "onnx"
     )
-
-
-def export_onnx_run(args: argparse.Namespace) -> int:
-    """``python -m export onnx --run-dir D`` for an ONNX-input run: agreement of both files with the original."""
-    import onnx
-
-    from export.onnx import graph_summary
-    from export.parity import compare_outputs
-    from lowrank_deploy.integrity import DIGESTS, INPUTS, file_digests, sha256_file, verify_chain
-    from lowrank_deploy.io import read_json
-    from lowrank_deploy.rundir import QUANTIZED_FILES, ParityRecord, RunDir
-
-    run_dir = Path(args.run_dir)
-    verify_chain(run_dir, "export")
-    info = read_json(run_dir / "compress.json", what="compress.json")
-    source = info[SOURCE_KEY]
-    original_path = Path(source["path"])
-    if not original_path.is_file() or sha256_file(original_path) != source.get("sha256"):
-        raise UserInputError(
-            f"the original ONNX {str(original_path)!r} is missing or changed since the compress stage; re-run it"
-        )
-    original = load_input_model(original_path)
-    shape = info.get("input_shape") or []
-    size = int(shape[-1]) if len(shape) == 4 else None
-    specs = input_specs(original, batch=args.batch or int(shape[0] if shape else 1), input_size=size)
-    record: dict[str, Any] = {
-        "opset": next((o.version for o in original.opset_import if o.domain in ("", "ai.onnx")), None),
-        "dynamic_batch": None,
-        "atol": args.atol,
-        "rtol": args.rtol,
-        "reference": REFERENCE,
-        "original_sha256": source["sha256"],
-        INPUTS: file_digests(run_dir, (_PLAN, _DENSE, _MODEL)),
-    }
-    for stale in QUANTIZED_FILES:
-        (run_dir / stale).unlink(missing_ok=True)
-    feeds = [seeded_feeds(specs, seed) for seed in range(4)]
-    reference = [ort_run(original, f) for f in feeds]
-    failures = []
-    for key, name in (("dense", _DENSE), ("compressed", _MODEL)):
-        path = run_dir / name
-        model = onnx.load(str(path))
-        actual = [ort_run(model, f) for f in feeds]
-        ref = np.concatenate([np.concatenate([v.ravel() for v in r.values()]) for r in reference])
-        act = np.concatenate([np.concatenate([v.ravel() for v in a.values()]) for a in actual])
-        result = compare_outputs(ref, act, atol=args.atol, rtol=args.rtol)
-        gated = key == "dense"
-        record[key] = {
-            **result.to_dict(),
-            "reference": REFERENCE,
-            "gated": gated,
-            "onnx_bytes": path.stat().st_size,
-            "graph": graph_summary(model, path=path),
-        }
-        verdict = ("PASS" if result.passed else "FAIL") if gated else "recorded (approximation)"
-        print(
-            f"{key:<10} {name:<11} vs the original ONNX: max_abs {result.max_abs:.3g} rel_l2 {result.rel_l2:.3g} "
-            f"cosine {result.cosine:.6f} — {verdict}"
-        )
-        if gated and not result.passed:
-            failures.append(f"{name}: {result}")
-        if not gated and result.n_nonfinite:
-            failures.append(f"{name}: {result.n_nonfinite} non-finite outputs")
-    if source.get("data"):  # the compressed model on the calibration inputs too
-        batches = load_npy_inputs(source["data"], specs[0], limit=64)
-        compressed = onnx.load(str(run_dir / _MODEL))
-        ref = np.concatenate([_flat_run(original, {specs[0].name: b}) for b in batches])
-        act = np.concatenate([_flat_run(compressed, {specs[0].name: b}) for b in batches])
-        on_data = compare_outputs(ref, act, atol=args.atol, rtol=args.rtol)
-        n = int(sum(len(b) for b in batches))
-        record["compressed_on_data"] = {"data": source["data"], "n": n, **on_data.to_dict()}
-        print(f"compressed    on DATA ({n} inputs) vs the original ONNX: rel_l2 {on_data.rel_l2:.3g}")
-    record[DIGESTS] = file_digests(run_dir, (_DENSE, _MODEL))
-    path = ParityRecord.from_dict(record).write(RunDir(run_dir).parity_json)
-    print(f"wrote {path}")
-    if failures:
-        raise ParityError(f"agreement with the original ONNX failed for {'; '.join(failures)}")
-    return 0
-
-
-def _flat_run(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """Every output of one ORT run, flattened and concatenated."""
-    return np.concatenate([v.ravel() for v in ort_run(model, feeds).values()])
 
 
 def check_onnx_export(values: dict[str, str | None]) -> None:
