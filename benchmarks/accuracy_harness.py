@@ -272,7 +272,7 @@ def environment(ort_threads: int | None) -> dict[str, Any]:
 
 def write_results(out: Path, result: dict[str, Any], markdown: str) -> None:
     """``out`` (JSON, atomically) and its ``.md`` twin with the README tables; echo the tables to stderr."""
-    from lowrank_deploy.io import atomic_path, atomic_write_json
+    from lowrank_core.io import atomic_path, atomic_write_json
 
     atomic_write_json(out, result)
     with atomic_path(out.with_suffix(".md")) as tmp:

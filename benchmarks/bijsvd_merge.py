@@ -30,7 +30,7 @@ from compress.targets import Target
 from export import check_onnx_parity, onnx_from_torch, optimize
 from export.merge_branches import merge_model
 from export.onnx import save_onnx
-from lowrank_deploy.io import atomic_write_json
+from lowrank_core.io import atomic_write_json
 from runtime import capture_environment
 
 

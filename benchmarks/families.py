@@ -34,8 +34,8 @@ from compress.methods import get_method
 from compress.metrics import count_macs, count_params
 from compress.models import load_model
 from export import check_onnx_parity, graph_summary, onnx_from_torch, optimize, save_onnx
-from lowrank_deploy.errors import CompressionError
-from lowrank_deploy.io import atomic_write_json
+from lowrank_core.errors import CompressionError
+from lowrank_core.io import atomic_write_json
 from runtime import BenchmarkConfig, OrtRunner, benchmark, capture_environment
 
 # family -> (MODEL spec, method, input size)

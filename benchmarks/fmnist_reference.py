@@ -26,7 +26,7 @@ from compress.api import compress_, method_config
 from compress.metrics import count_macs, count_params
 from compress.train import TrainConfig, evaluate
 from compress.workflow import prepare
-from lowrank_deploy.io import atomic_write_json
+from lowrank_core.io import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu_latency: error: no CUDA device visible to torch; run this on a GPU machine", file=sys.stderr)
         return 1
-    from lowrank_deploy.io import atomic_write_json
+    from lowrank_core.io import atomic_write_json
     from runtime.env import capture_environment
     from runtime.gpu import try_nvml_device
 

@@ -27,7 +27,7 @@ from compress.metrics import count_macs, count_params, output_agreement
 from compress.models import load_model
 from compress.planning import cpu_rank_multiple
 from compress.targets import Target
-from lowrank_deploy.io import atomic_write_json
+from lowrank_core.io import atomic_write_json
 from runtime import capture_environment
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lowrank_deploy.io import atomic_write_json
+from lowrank_core.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

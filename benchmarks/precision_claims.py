@@ -34,7 +34,7 @@ from compress.planning import cpu_rank_multiple
 from compress.targets import Target
 from export import onnx_from_torch, optimize, save_onnx
 from export.quantize import agreement, cpu_int8_support, quantize_int8, quantize_run
-from lowrank_deploy.io import atomic_write_json, atomic_write_text
+from lowrank_core.io import atomic_write_json, atomic_write_text
 from runtime import capture_environment
 from runtime.harness import BenchmarkConfig, benchmark, random_feed
 from runtime.ort_runner import OrtRunner

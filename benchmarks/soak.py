@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_deploy.io import atomic_write_json
+from lowrank_core.io import atomic_write_json
 
 MIB = 2**20
 

@@ -37,8 +37,8 @@ from compress.methods.vbmf_tucker import DenseTraining, train_overparameterized
 from compress.metrics import count_macs, count_params
 from compress.train import TrainConfig, evaluate
 from compress.workflow import prepare
-from lowrank_deploy.errors import CompressionError
-from lowrank_deploy.io import atomic_write_json
+from lowrank_core.errors import CompressionError
+from lowrank_core.io import atomic_write_json
 
 ARMS = {
     "plain": DenseTraining(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lowrank_deploy.errors import CompressionError, LowrankDeployError, UserInputError
+from lowrank_core.errors import CompressionError, LowrankDeployError, UserInputError
 
 if TYPE_CHECKING:
     from compress.api import (

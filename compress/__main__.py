@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from compress.cli import PROG, build_parser, main
-from lowrank_deploy.cli import run_main
+from lowrank_core.cli import run_main
 
 __all__ = ["build_parser", "main"]
 

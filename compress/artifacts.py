@@ -23,15 +23,15 @@ from torch import nn
 from compress.api import apply_plan_
 from compress.models import has_aux_classifier, load_model
 from compress.plan import Plan
-from lowrank_deploy.checks import check_finite_module
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.integrity import DIGESTS, file_digests
-from lowrank_deploy.io import atomic_path, ensure_writable_dir, read_json
-from lowrank_deploy.rundir import COMPRESS_JSON, DENSE_WEIGHTS, MODEL_WEIGHTS, PLAN_JSON, CompressRecord
+from lowrank_core.checks import check_finite_module
+from lowrank_core.errors import UserInputError
+from lowrank_core.integrity import DIGESTS, file_digests
+from lowrank_core.io import atomic_path, ensure_writable_dir, read_json
+from lowrank_core.rundir import COMPRESS_JSON, DENSE_WEIGHTS, MODEL_WEIGHTS, PLAN_JSON, CompressRecord
 
 __all__ = ["RunArtifacts", "load_run", "save_run"]
 
-# File names of the run directory, defined once in lowrank_deploy.rundir.
+# File names of the run directory, defined once in lowrank_core.rundir.
 PLAN_FILE = PLAN_JSON
 INFO_FILE = COMPRESS_JSON
 
@@ -60,7 +60,7 @@ def save_run(
     dense: nn.Module,
     compressed: nn.Module,
 ) -> Path:
-    """Write plan, weights and ``compress.json`` (a :class:`~lowrank_deploy.rundir.CompressRecord`) into ``run_dir``.
+    """Write plan, weights and ``compress.json`` (a :class:`~lowrank_core.rundir.CompressRecord`) into ``run_dir``.
 
     Every file is written atomically; a dict ``info`` is validated as a ``CompressRecord`` first.
     """

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank_deploy.errors import CompressionError
+from lowrank_core.errors import CompressionError
 
 __all__ = [
     "CPFactors",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
-from lowrank_deploy.errors import CompressionError
+from lowrank_core.errors import CompressionError
 
 if TYPE_CHECKING:
     import torch

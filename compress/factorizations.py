@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compress import decompose
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 __all__ = [
     "FACTORIZATIONS",

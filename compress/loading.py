@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_deploy.checks import check_state_dict
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.checks import check_state_dict
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "LoadedModel",
@@ -123,7 +123,7 @@ def check_batchnorm_statistics(model: nn.Module, source: str) -> None:
 
     ``sqrt(running_var + eps)`` of a negative variance is NaN in PyTorch and ONNX Runtime alike, so the
     export would fail parity on NaN outputs with no hint of why; this names the tensor at load instead.
-    (NaN/infinite values are refused by :func:`lowrank_deploy.checks.check_state_dict` and
+    (NaN/infinite values are refused by :func:`lowrank_core.checks.check_state_dict` and
     ``check_finite_module``.)
 
     Raises:

@@ -48,7 +48,7 @@ from compress.loading import (
 )
 from compress.task_models import DETECTION_MODELS, SEGMENTATION_MODELS, default_input_size, task_of, wrap_task_model
 from compress.zoo import create_model, is_zoo_spec, list_zoo_models, parse_zoo_name
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "LoadedModel",

@@ -11,8 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_write_json, read_json
+from lowrank_core.errors import UserInputError
+from lowrank_core.io import atomic_write_json, read_json
 
 __all__ = ["PLAN_VERSION", "LayerPlan", "Plan"]
 

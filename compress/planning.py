@@ -18,7 +18,7 @@ from compress.attention import attention_paths_in_plan, fused_attention_reason, 
 from compress.factorizations import FACTORIZATIONS, LayerGeometry, dense_macs, factorization
 from compress.plan import KEEP, LayerPlan, Plan
 from compress.progress import Progress
-from lowrank_deploy.errors import CompressionError
+from lowrank_core.errors import CompressionError
 
 __all__ = [
     "FilterFn",

@@ -24,7 +24,7 @@ from torch import nn
 
 from compress.evbmf import evbmf_from_singular_values
 from compress.factorizations import Factorization, LayerGeometry
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 __all__ = [
     "RANK_RULES",

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["TARGET_KINDS", "Target", "check_flops", "check_ratio", "check_target", "parse_target", "target_text"]
 

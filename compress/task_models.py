@@ -74,7 +74,7 @@ def check_data_supported(spec: str, data: str) -> None:
     """
     task = task_of(spec)
     if task is not None:
-        from lowrank_deploy.errors import UserInputError
+        from lowrank_core.errors import UserInputError
 
         raise UserInputError(
             f"DATA={data} trains, calibrates and evaluates classifiers from image labels; {spec} is a {task} model "

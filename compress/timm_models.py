@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 if TYPE_CHECKING:
     from compress.loading import LoadedModel

@@ -28,9 +28,9 @@ from compress.data import Dataset, load_data
 from compress.models import LoadedModel, load_model
 from compress.progress import heartbeat
 from compress.train import Accuracy, Regularizer, TrainConfig, Trainer, TrainResult, evaluate
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json
-from lowrank_deploy.rundir import CHECKPOINT, MODEL_WEIGHTS, RAW_WEIGHTS, TRAIN_JSON, CompressRecord
+from lowrank_core.errors import UserInputError
+from lowrank_core.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json
+from lowrank_core.rundir import CHECKPOINT, MODEL_WEIGHTS, RAW_WEIGHTS, TRAIN_JSON, CompressRecord
 
 __all__ = ["Prepared", "evaluate_model", "finetune_run", "prepare", "train_model"]
 
@@ -303,7 +303,7 @@ def finetune_run(
         with atomic_path(folder / MODEL_WEIGHTS) as tmp:
             save_model(compressed, str(tmp))
         info["accuracy"] = accuracy
-        from lowrank_deploy.integrity import DIGESTS, file_digests
+        from lowrank_core.integrity import DIGESTS, file_digests
 
         if DIGESTS in info:  # the fine-tuned weights are what later stages must find
             info[DIGESTS] = file_digests(folder, info[DIGESTS])

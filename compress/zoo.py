@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 if TYPE_CHECKING:  # torchvision is imported when a model is built, not with this module
     from torchvision.models.resnet import BasicBlock, Bottleneck

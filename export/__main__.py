@@ -23,11 +23,11 @@ from export.merge_branches import merge_model
 from export.onnx import MIN_EXPORT_OPSET, graph_summary, load_onnx, onnx_from_torch, save_onnx
 from export.parity import DEFAULT_ATOL, DEFAULT_RTOL, check_onnx_parity
 from export.passes import optimize
-from lowrank_deploy.cli import ArgumentParser, run_main
-from lowrank_deploy.errors import ParityError, UserInputError
-from lowrank_deploy.integrity import DIGESTS, INPUTS, file_digests, run_lock, verify_chain
-from lowrank_deploy.io import ensure_writable_dir
-from lowrank_deploy.rundir import (
+from lowrank_core.cli import ArgumentParser, run_main
+from lowrank_core.errors import ParityError, UserInputError
+from lowrank_core.integrity import DIGESTS, INPUTS, file_digests, run_lock, verify_chain
+from lowrank_core.io import ensure_writable_dir
+from lowrank_core.rundir import (
     COMPRESSED,
     DENSE,
     DENSE_ONNX,

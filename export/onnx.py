@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from export._util import eval_mode, first_line
-from lowrank_deploy.errors import ExportError, UserInputError
-from lowrank_deploy.io import atomic_write_onnx
+from lowrank_core.errors import ExportError, UserInputError
+from lowrank_core.io import atomic_write_onnx
 
 if TYPE_CHECKING:
     import torch

@@ -20,7 +20,7 @@ from compress.onnx_in.graph import input_specs, load_input_model, ort_run, seede
 from compress.onnx_in.run import DENSE_FILE, MODEL_FILE, PLAN_FILE, REFERENCE, SOURCE_KEY
 from export.onnx import graph_summary
 from export.parity import compare_outputs
-from lowrank_deploy.errors import ParityError, UserInputError
+from lowrank_core.errors import ParityError, UserInputError
 
 __all__ = ["export_onnx_run"]
 
@@ -31,9 +31,9 @@ def export_onnx_run(args: argparse.Namespace) -> int:
     """``python -m export onnx --run-dir D`` for an ONNX-input run: agreement of both files with the original."""
     import onnx
 
-    from lowrank_deploy.integrity import DIGESTS, INPUTS, file_digests, sha256_file, verify_chain
-    from lowrank_deploy.io import read_json
-    from lowrank_deploy.rundir import QUANTIZED_FILES, ParityRecord, RunDir
+    from lowrank_core.integrity import DIGESTS, INPUTS, file_digests, sha256_file, verify_chain
+    from lowrank_core.io import read_json
+    from lowrank_core.rundir import QUANTIZED_FILES, ParityRecord, RunDir
 
     run_dir = Path(args.run_dir)
     verify_chain(run_dir, "export")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from export._util import eval_mode
-from lowrank_deploy.errors import ExportError, ParityError, UserInputError
+from lowrank_core.errors import ExportError, ParityError, UserInputError
 
 if TYPE_CHECKING:
     import onnx

@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from export._util import first_line
-from lowrank_deploy.errors import ExportError
+from lowrank_core.errors import ExportError
 
 __all__ = [
     "NOOP_RULES",

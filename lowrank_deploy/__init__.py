@@ -1,13 +1,14 @@
-"""lowrank-deploy: the pieces shared by the ``compress``, ``export`` and ``runtime`` packages.
+"""lowrank-deploy: the chain on top of the three stages (``compress`` → ``export`` → ``runtime``).
 
-Error types (:mod:`lowrank_deploy.errors`), atomic file I/O (:mod:`lowrank_deploy.io`) and the command-line
-plumbing (:mod:`lowrank_deploy.cli`) live here so that each stage package depends on this one and on
-nothing of the others: ``runtime`` runs on a device with numpy + onnxruntime alone.
+:mod:`lowrank_deploy.pipeline` plans and runs the stages of ``lowrank-deploy export`` (and ``train``,
+``finetune``, ``engine``), :mod:`lowrank_deploy.compare` runs several methods side by side, and
+:mod:`lowrank_deploy.__main__` is the ``lowrank-deploy`` command. The foundation every floor shares (errors,
+atomic I/O, run-directory records, integrity) is :mod:`lowrank_core`; the error types are re-exported here.
 """
 
 from __future__ import annotations
 
-from lowrank_deploy.errors import (
+from lowrank_core.errors import (
     CompressionError,
     ExportError,
     LowrankDeployError,

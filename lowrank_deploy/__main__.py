@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lowrank_deploy.cli import run_main
+from lowrank_core.cli import run_main
 
 __all__ = ["dispatch", "main"]
 

@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lowrank_deploy.errors import LowrankDeployError, UserInputError
-from lowrank_deploy.io import atomic_path, atomic_write_json, atomic_write_text
+from lowrank_core.errors import LowrankDeployError, UserInputError
+from lowrank_core.io import atomic_path, atomic_write_json, atomic_write_text
 
 __all__ = ["COMPARE_JSON", "COMPARE_MD", "COMPARE_PNG", "compare_markdown", "parse_methods", "run_compare"]
 
@@ -115,7 +115,7 @@ def run_compare(values: Mapping[str, str | None]) -> dict[str, Any]:
 
 def _time_all(values: Mapping[str, str | None], run_dirs: Mapping[str, Path]) -> dict[str, Any]:
     """Dense (of the first run) and every compressed ``model.onnx``, interleaved in one benchmark."""
-    from lowrank_deploy.checks import check_count, check_duration
+    from lowrank_core.checks import check_count, check_duration
     from runtime.base import runner_class
     from runtime.env import capture_environment
     from runtime.harness import BenchmarkConfig, benchmark, random_feed
@@ -157,7 +157,7 @@ def _time_all(values: Mapping[str, str | None], run_dirs: Mapping[str, Path]) ->
 
 def _method_facts(run_dir: Path, record: dict[str, Any], method: str) -> dict[str, Any]:
     """Params, MACs, agreement, accuracy and the target block of one method's run directory."""
-    from lowrank_deploy.rundir import RunDir
+    from lowrank_core.rundir import RunDir
     from runtime.report_target import target_block
 
     comp = RunDir(run_dir).read_compress()

@@ -2,7 +2,7 @@
 
 ``lowrank-deploy export --model resnet34 [--method tucker2] [--ratio 4 | --flops 0.5] ...`` runs
 ``compress run`` → ``export onnx`` → ``runtime bench`` → ``runtime report`` into ``OUT/<model>/<method>``,
-in this process, holding the run directory's lock (:func:`lowrank_deploy.integrity.run_lock`).
+in this process, holding the run directory's lock (:func:`lowrank_core.integrity.run_lock`).
 ``train``, ``finetune`` and ``engine`` wrap ``python -m compress train|finetune`` and
 ``python -m export engine`` the same way.
 
@@ -27,11 +27,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank_deploy.checks import MAX_BATCH, check_count, check_duration, check_memory, check_path_length
-from lowrank_deploy.cli import ArgumentParser
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.integrity import STAGE_OUTPUTS, clear_downstream, run_lock
-from lowrank_deploy.io import before_first_write
+from lowrank_core.checks import MAX_BATCH, check_count, check_duration, check_memory, check_path_length
+from lowrank_core.cli import ArgumentParser
+from lowrank_core.errors import UserInputError
+from lowrank_core.integrity import STAGE_OUTPUTS, clear_downstream, run_lock
+from lowrank_core.io import before_first_write
 
 __all__ = ["PROG", "Stage", "build_parser", "commands", "plan_export", "resolve", "run_dir_of", "run_stages"]
 
@@ -400,7 +400,7 @@ def run_stages(run_dir: Path, stages: list[Stage]) -> int:
     """Run ``stages`` in order inside ``run_dir`` (created and locked); a failing stage raises UserInputError.
 
     As soon as a stage has put its first file in place, the files of every later stage are removed
-    (:func:`lowrank_deploy.integrity.clear_downstream`): a run killed mid-way leaves no report or latency of an
+    (:func:`lowrank_core.integrity.clear_downstream`): a run killed mid-way leaves no report or latency of an
     earlier run beside its new plan, and a stage that refuses its input (or finds the disk full) leaves the
     run directory untouched.
     """

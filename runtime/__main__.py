@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lowrank_deploy.checks import MAX_BATCH, MAX_ITERS, count_arg, duration_arg
-from lowrank_deploy.cli import ArgumentParser, run_main
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.integrity import INPUTS, file_digests, run_lock, verify_chain
-from lowrank_deploy.rundir import (
+from lowrank_core.checks import MAX_BATCH, MAX_ITERS, count_arg, duration_arg
+from lowrank_core.cli import ArgumentParser, run_main
+from lowrank_core.errors import UserInputError
+from lowrank_core.integrity import INPUTS, file_digests, run_lock, verify_chain
+from lowrank_core.rundir import (
     DENSE_ENGINE,
     DENSE_INT8_ONNX,
     DENSE_ONNX,
@@ -221,7 +221,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     extra = {"jetson": jetson} if jetson is not None else None
     record = write_latency(run_dir, result, env, backend=args.backend, batch=args.batch, extra=extra)
     gpu_compute = _gpu_compute(runners, result)
-    from lowrank_deploy.rundir import LatencyRecord, RunDir
+    from lowrank_core.rundir import LatencyRecord, RunDir
 
     if gpu_compute:
         record["gpu_compute"] = gpu_compute
@@ -251,7 +251,7 @@ def _gpu_compute(runners: dict[str, Any], result: Any) -> dict[str, Any]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from lowrank_deploy.rundir import RunDir
+    from lowrank_core.rundir import RunDir
     from runtime.report import write_report
 
     write_report(args.run_dir)
@@ -260,7 +260,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from lowrank_deploy.rundir import RunDir
+    from lowrank_core.rundir import RunDir
     from runtime.profile import PROFILE_MD, write_profile
 
     write_profile(args.run_dir, threads=args.threads, iters=args.iters, warmup=args.warmup_iters, batch=args.batch)
@@ -269,7 +269,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
-    from lowrank_deploy.rundir import LatencyRecord
+    from lowrank_core.rundir import LatencyRecord
     from runtime.base import runner_class
     from runtime.env import capture_environment
     from runtime.harness import benchmark

@@ -30,8 +30,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.rundir import MODELS, RunDir, model_key
+from lowrank_core.errors import UserInputError
+from lowrank_core.rundir import MODELS, RunDir, model_key
 
 Dim = int | str | None
 """One dimension of an input: a fixed size, or a symbolic name / ``None`` for a dynamic dimension."""
@@ -343,7 +343,7 @@ def available_backends() -> tuple[str, ...]:
     """Names of all registered runners, sorted.
 
     A name being listed means its module imports; whether its hardware or package is usable shows
-    on :meth:`Runner.activate`, which raises :class:`~lowrank_deploy.errors.RuntimeUnavailableError`.
+    on :meth:`Runner.activate`, which raises :class:`~lowrank_core.errors.RuntimeUnavailableError`.
     """
     _discover_runner_modules()
     return tuple(sorted(_RUNNERS))

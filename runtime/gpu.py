@@ -2,7 +2,7 @@
 
 ``pynvml`` (package ``nvidia-ml-py``) and ``torch`` are imported inside the functions. NVML is a
 dGPU tool: on Jetson it is absent or partial (use :mod:`runtime.jetson`'s tegrastats sampler there).
-The NVML queries and the device identity live in :mod:`lowrank_deploy.device` (shared with
+The NVML queries and the device identity live in :mod:`lowrank_core.device` (shared with
 :mod:`export.tensorrt`) and are re-exported here.
 """
 
@@ -12,8 +12,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from lowrank_deploy.device import device_identity, nvml_device, try_nvml_device
-from lowrank_deploy.errors import RuntimeUnavailableError
+from lowrank_core.device import device_identity, nvml_device, try_nvml_device
+from lowrank_core.errors import RuntimeUnavailableError
 
 __all__ = [
     "CudaEventTimer",
@@ -98,8 +98,8 @@ def engine_records(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
         ``{"dense"|"compressed": {"file", "precision", "tensorrt_version", "gpu_name", "engine_bytes",
         "profile", "build_flags", "parity", "sparsity"}}`` for each engine built, or ``None`` when none was.
     """
-    from lowrank_deploy.io import read_json
-    from lowrank_deploy.rundir import ENGINE_SIDECAR_SUFFIX, MODELS, RunDir
+    from lowrank_core.io import read_json
+    from lowrank_core.rundir import ENGINE_SIDECAR_SUFFIX, MODELS, RunDir
 
     rd = RunDir(run_dir)
     out: dict[str, Any] = {}

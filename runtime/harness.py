@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 from runtime.base import Dim, Feed, Runner, TensorMeta, process_rss_bytes
 
 _now = time.perf_counter

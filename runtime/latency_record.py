@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
-from lowrank_deploy.io import atomic_path, atomic_write_text
-from lowrank_deploy.rundir import COMPRESSED, DENSE, LatencyRecord, RunDir
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.io import atomic_path, atomic_write_text
+from lowrank_core.rundir import COMPRESSED, DENSE, LatencyRecord, RunDir
 from runtime.gpu import latency_gpu_lines
 from runtime.harness import BenchmarkResult
 

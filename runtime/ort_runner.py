@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
 from runtime.base import Feed, Runner, TensorMeta, register_runner
 
 if TYPE_CHECKING:
-    from lowrank_deploy.rundir import RunDir
+    from lowrank_core.rundir import RunDir
 
 PROVIDERS: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
@@ -300,7 +300,7 @@ class OrtRunner(Runner):
 
         All four are timed interleaved in one run (the harness rotates any number of runners).
         """
-        from lowrank_deploy.rundir import MODELS, RunDir, quantized_key
+        from lowrank_core.rundir import MODELS, RunDir, quantized_key
 
         runners = super().bench_runners(run_dir, **options)
         rd = RunDir(run_dir)
@@ -478,7 +478,7 @@ class OrtRunner(Runner):
         """RSS, plus NVML device memory in use on a GPU provider."""
         mem = super().memory()
         if self.device != "cpu":
-            from lowrank_deploy.device import try_nvml_device
+            from lowrank_core.device import try_nvml_device
 
             nvml, reason = try_nvml_device(self.device_id)
             mem["nvml_memory_used_bytes"] = nvml["memory_used_bytes"] if nvml else None

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
-from lowrank_deploy.io import atomic_write_json, atomic_write_text, read_json
-from lowrank_deploy.rundir import COMPRESSED, DENSE, PLAN_JSON, RunDir
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.io import atomic_write_json, atomic_write_text, read_json
+from lowrank_core.rundir import COMPRESSED, DENSE, PLAN_JSON, RunDir
 
 __all__ = [
     "PROFILE_JSON",

@@ -1,6 +1,6 @@
 """The run report (``report.json/.md``); the latency record (``latency.json/.md/.png``) is :mod:`runtime.latency_record`.
 
-A run directory (file names and records in :mod:`lowrank_deploy.rundir`) collects the stages' outputs::
+A run directory (file names and records in :mod:`lowrank_core.rundir`) collects the stages' outputs::
 
     compress.json   compress stage: model, method, weights, params/MACs, agreement
     dense.onnx      export stage: the dense model
@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.integrity import stale_sparse_onnx, verify_chain
-from lowrank_deploy.io import atomic_write_json, atomic_write_text
-from lowrank_deploy.rundir import (
+from lowrank_core.errors import UserInputError
+from lowrank_core.integrity import stale_sparse_onnx, verify_chain
+from lowrank_core.io import atomic_write_json, atomic_write_text
+from lowrank_core.rundir import (
     COMPRESSED,
     DENSE,
     LATENCY_JSON,

@@ -1,6 +1,6 @@
 """The quantized part of the run report: ``report.json["quantized"]`` and its Markdown rows.
 
-``python -m export quantize`` writes ``quantize.json`` (:class:`lowrank_deploy.rundir.QuantizedRecord`);
+``python -m export quantize`` writes ``quantize.json`` (:class:`lowrank_core.rundir.QuantizedRecord`);
 ``python -m runtime bench`` times ``dense_int8`` / ``compressed_int8`` beside the FP32 models in one
 interleaved run. This module joins the two for :func:`runtime.report.write_report`: FP32 rows stay, the
 quantized ones are added, so one report answers what low-rank buys, what INT8 buys and what both buy.
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lowrank_deploy.integrity import file_digests
-from lowrank_deploy.rundir import COMPRESSED, DENSE, LatencyRecord, RunDir
+from lowrank_core.integrity import file_digests
+from lowrank_core.rundir import COMPRESSED, DENSE, LatencyRecord, RunDir
 
 __all__ = ["quantized_accuracy", "quantized_block", "quantized_markdown", "speedup_quantized_p50"]
 

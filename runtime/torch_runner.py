@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
-from lowrank_deploy.rundir import MODELS, RunDir, model_key
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.rundir import MODELS, RunDir, model_key
 from runtime.base import Dim, Feed, Runner, TensorMeta, register_runner
 
 if TYPE_CHECKING:

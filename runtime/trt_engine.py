@@ -4,7 +4,7 @@
 :func:`save_engine` writes plan and sidecar atomically (the export's engine build); :func:`load_engine`
 refuses a plan built with another TensorRT version or on another GPU (engines are not portable), for the
 ``trt`` runner. Both live in ``runtime`` so the runner needs nothing of ``export``. The GPU identity comes from
-:func:`lowrank_deploy.device.device_identity`, imported when a plan is loaded.
+:func:`lowrank_core.device.device_identity`, imported when a plan is loaded.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
-from lowrank_deploy.io import atomic_write_bytes, atomic_write_json, read_json
-from lowrank_deploy.rundir import ENGINE_SIDECAR_SUFFIX, MODEL_ENGINE
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.io import atomic_write_bytes, atomic_write_json, read_json
+from lowrank_core.rundir import ENGINE_SIDECAR_SUFFIX, MODEL_ENGINE
 
 SIDECAR_SUFFIX = ENGINE_SIDECAR_SUFFIX
 """The sidecar of ``model.plan`` is ``model.plan.json``."""
@@ -185,7 +185,7 @@ def load_engine(path: str | os.PathLike[str], *, check: bool = True) -> bytes:
             "bytes; rebuild it with `python -m export engine`"
         )
     version = require_tensorrt()
-    from lowrank_deploy.device import device_identity
+    from lowrank_core.device import device_identity
 
     gpu = device_identity()
     check_sidecar(

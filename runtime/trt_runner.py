@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
-from lowrank_deploy.rundir import COMPRESSED, DENSE, RunDir
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.rundir import COMPRESSED, DENSE, RunDir
 from runtime.base import Feed, Runner, TensorMeta, register_runner
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from lowrank_core.errors import UserInputError
 from lowrank_deploy.__main__ import dispatch as main
 from lowrank_deploy.compare import compare_markdown, parse_methods
-from lowrank_deploy.errors import UserInputError
 
 pytest.importorskip("onnxruntime")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from venv_for_make import venv_for_make
 
-from lowrank_deploy.cli import run_main
+from lowrank_core.cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORY = "tests/compress/models.py:tiny_resnet"
@@ -268,7 +268,7 @@ def test_unusable_weights_are_refused_at_load(
 def test_half_precision_weights_are_converted_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
-    from lowrank_deploy.checks import check_state_dict
+    from lowrank_core.checks import check_state_dict
 
     own = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
     check_state_dict({"w": torch.ones(2, 2, dtype=torch.float16), "b": torch.ones(2)}, own, "half.pt")
@@ -315,7 +315,7 @@ def test_hostile_plans_are_refused(
 def test_full_disk_is_one_line_and_leaves_no_partial_file(
     earlier: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lowrank_deploy.io
+    import lowrank_core.io
 
     out, _ = earlier
     before = snapshot(out)
@@ -323,7 +323,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(
     def full(src: object, dst: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
-    monkeypatch.setattr(lowrank_deploy.io.os, "replace", full)
+    monkeypatch.setattr(lowrank_core.io.os, "replace", full)
     argv = [*BASE, "--duration", "0.3", "--out", str(out)]
     argv[argv.index("--ratio") + 1] = "3"  # a different run that would rewrite every file
     code, err = _export(capsys, *argv)
@@ -485,8 +485,8 @@ def test_concurrent_writer_is_excluded_with_one_line(
 def test_sigterm_during_a_write_removes_the_temporary_file(tmp_path: Path) -> None:
     code = (
         "import os, signal, sys\n"
-        "from lowrank_deploy.cli import run_main\n"
-        "from lowrank_deploy.io import atomic_path\n"
+        "from lowrank_core.cli import run_main\n"
+        "from lowrank_core.io import atomic_path\n"
         "def main(argv):\n"
         "    with atomic_path(sys.argv[1]) as tmp:\n"
         "        tmp.write_bytes(b'half')\n"

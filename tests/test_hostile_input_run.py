@@ -25,7 +25,7 @@ import pytest
 from test_hostile_input import BASE, FACTORY, ROOT, _call, _export, assert_refused, snapshot
 from torch import nn
 
-from lowrank_deploy.io import atomic_path
+from lowrank_core.io import atomic_path
 
 FOLDER = ("models.tiny_resnet", "tucker2")
 
@@ -272,7 +272,7 @@ def test_an_unusable_latency_cache_is_one_warning_and_the_run_goes_on(
     fake_ort: list[CountingTimer],
     where: str,
 ) -> None:
-    import lowrank_deploy.io
+    import lowrank_core.io
     from compress.latency import default_table_path
 
     cache = tmp_path / "cache"
@@ -291,7 +291,7 @@ def test_an_unusable_latency_cache_is_one_warning_and_the_run_goes_on(
                 raise PermissionError(13, "Permission denied")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(lowrank_deploy.io.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(lowrank_core.io.tempfile, "mkstemp", refuse)
     before = snapshot(tmp_path)
     plan, warnings = _plan(capsys, tmp_path / "plan.json")
     assert len(warnings) == 1, warnings
@@ -322,7 +322,7 @@ def test_latency_cache_folder_honours_xdg_cache_home(tmp_path: Path, monkeypatch
 
 
 def test_a_killed_rerun_leaves_no_report_of_the_earlier_run(copy_run: Path) -> None:
-    from lowrank_deploy.integrity import STAGE_OUTPUTS
+    from lowrank_core.integrity import STAGE_OUTPUTS
 
     out = copy_run.parents[1]
     earlier_report = json.loads((copy_run / "report.json").read_text())
@@ -373,7 +373,7 @@ def test_a_stage_run_on_its_own_clears_what_its_files_make_stale(
 
 
 def test_clear_downstream_follows_the_stage_table(tmp_path: Path) -> None:
-    from lowrank_deploy.integrity import STAGE_OUTPUTS, clear_downstream, downstream
+    from lowrank_core.integrity import STAGE_OUTPUTS, clear_downstream, downstream
 
     assert downstream("compress") == ["export", "quantize", "engine", "profile", "bench", "report"]
     assert downstream("quantize") == ["engine", "bench", "report"]

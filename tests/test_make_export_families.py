@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from venv_for_make import venv_for_make
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -131,7 +131,7 @@ def test_data_is_refused_for_a_detection_model_before_any_stage_writes(tmp_path:
 
 
 def test_compress_json_written_before_task_fields_still_reads() -> None:
-    from lowrank_deploy.rundir import CompressRecord
+    from lowrank_core.rundir import CompressRecord
 
     old = {
         "model": "resnet18",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from lowrank_deploy.cli import run_main
+from lowrank_core.cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny.tiny_resnet"  # the run-directory name of factory/tiny.py:tiny_resnet

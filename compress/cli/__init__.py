@@ -36,9 +36,9 @@ from compress.cli.options import (
 )
 from compress.cli.run import accuracy_line, load, prepare_data, run, train_meta
 from compress.methods.base import nonneg_int, positive_int
-from lowrank_deploy.cli import ArgumentParser
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.integrity import run_lock
+from lowrank_core.cli import ArgumentParser
+from lowrank_core.errors import UserInputError
+from lowrank_core.integrity import run_lock
 
 __all__ = ["PROG", "build_parser", "main"]
 

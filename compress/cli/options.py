@@ -8,7 +8,7 @@ from typing import Any
 from compress.methods import load_methods
 from compress.methods.base import Option, nonneg_int, positive_int
 from compress.targets import TARGET_KINDS, Target, parse_target
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "add_data_args",

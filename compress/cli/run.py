@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lowrank_deploy.checks import check_finite_module, check_memory
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.checks import check_finite_module, check_memory
+from lowrank_core.errors import UserInputError
 
 __all__ = ["load", "prepare_data", "run", "train_meta"]
 
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace, plan_path: str | None = None) -> int:
     from compress.cli.options import config_from_args
     from compress.methods import get_method
     from compress.plan import Plan
-    from lowrank_deploy.io import ensure_writable_dir
+    from lowrank_core.io import ensure_writable_dir
 
     ensure_writable_dir(args.run_dir)
     plan = None if plan_path is None else Plan.load(plan_path)

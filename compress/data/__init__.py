@@ -45,7 +45,7 @@ from compress.data.imagefolder import (
     load_imagefolder,
 )
 from compress.data.loaders import BatchLoader, calibration_subset
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "DEFAULT_IMAGEFOLDER_SIZE",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.data.seeding import augment_params, crop_flip
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "CACHE_SIZE",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from compress.data.base import CACHE_SIZE, Dataset, file_stamp, one_line, tensor_dataset
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["CIFAR_LAYOUTS", "CifarLayout", "load_cifar"]
 

@@ -13,7 +13,7 @@ import torch
 
 from compress.data.base import DataInfo, Dataset, Split, one_line, out_channels
 from compress.data.seeding import MASK64
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["DEFAULT_IMAGEFOLDER_SIZE", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderSplit", "load_imagefolder"]
 

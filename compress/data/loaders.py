@@ -11,7 +11,7 @@ import torch.utils.data
 
 from compress.data.base import Split
 from compress.data.seeding import mix
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["BatchLoader", "calibration_subset"]
 

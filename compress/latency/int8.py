@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["BLOCK_RULES", "INT8_FORMAT", "PRECISIONS", "quantize_onnx_bytes"]
 

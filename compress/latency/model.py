@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from compress.latency.table import LatencyTable, cpu_identity, default_table_path, device_id
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["DenseProfile", "LatencyModel", "Timer", "block_key", "layer_inputs"]
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compress.latency.int8 import BLOCK_RULES, INT8_FORMAT, PRECISIONS, quantize_onnx_bytes
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["OrtTimer", "export_bytes", "ort_version"]
 

@@ -32,7 +32,7 @@ from compress.plan import Plan
 from compress.progress import Progress, heartbeat, say
 from compress.reuse import reuse_scope
 from compress.targets import Target
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 __all__ = ["LatencyOutcome", "compress_to_latency_", "knob_kind"]
 

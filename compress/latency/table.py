@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lowrank_deploy.io import atomic_write_json
+from lowrank_core.io import atomic_write_json
 
 __all__ = [
     "TABLE_VERSION",

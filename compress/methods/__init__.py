@@ -15,7 +15,7 @@ from typing import Any
 
 from compress.methods.base import ENTRY_POINT_GROUP, REGISTRY, Method, Needs, Option, register
 from compress.targets import Target
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["Method", "Needs", "Option", "get_method", "load_methods", "method_config", "method_names", "register"]
 

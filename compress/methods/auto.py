@@ -52,7 +52,7 @@ from compress.planning import FilterFn, common_skip_reason, find_stem, hw_list, 
 from compress.progress import Progress
 from compress.reuse import fingerprint, memoized
 from compress.targets import Target
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 __all__ = ["AutoConfig", "AutoMethod", "approximation", "candidate_errors", "output_errors", "plan_auto"]
 

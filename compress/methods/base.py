@@ -32,7 +32,7 @@ from torch import nn
 from compress.plan import Plan
 from compress.planning import FilterFn, apply_factorizations_
 from compress.targets import TARGET_KINDS, Target
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -32,7 +32,7 @@ from compress.planning import (
 )
 from compress.ranks import RANK_RULES, Candidate, EVBMFRule, rank_rule, select_ranks
 from compress.targets import Target, check_target, target_text
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 __all__ = ["CONV_METHODS", "LowRankConfig", "LowRankMethod", "apply_factorizations_", "plan_lowrank"]
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from compress.methods.base import Option, finite_float, nonneg_int, positive_int, register
 from compress.methods.lowrank import LowRankConfig, LowRankMethod
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["DenseTraining", "VBMFTucker2Config", "train_overparameterized"]
 
@@ -186,7 +186,7 @@ def train_overparameterized(
     from compress.metrics import count_params
     from compress.overparam import OrthogonalityRegularizer, collapse_, expand_
     from compress.workflow import TRAIN_JSON, WEIGHTS_FILE, evaluate_model, train_model
-    from lowrank_deploy.io import atomic_path, atomic_write_json
+    from lowrank_core.io import atomic_path, atomic_write_json
 
     regularizers = ()
     if recipe.orthogonality != "none" and recipe.orth_weight > 0:

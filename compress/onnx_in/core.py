@@ -31,7 +31,7 @@ from compress.onnx_in.planner import LayerFilter, check_onnx_method, plan_onnx_l
 from compress.onnx_in.rewrite import check_rewritten, rewrite_graph
 from compress.plan import Plan
 from compress.planning import one_thread
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "OnnxCompression",

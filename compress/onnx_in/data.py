@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from compress.onnx_in.graph import InputSpec, ort_run
 from compress.onnx_in.layers import OnnxLayer
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["WHITENED", "input_grams", "load_npy_inputs", "whitened_svd"]
 

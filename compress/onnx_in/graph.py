@@ -2,7 +2,7 @@
 
 Everything a user's ONNX file can get wrong (unreadable bytes, external data outside its folder, an
 initializer smaller than its dims, a cycle, a tensor nobody produces, inputs too large for the machine)
-is one line of :class:`~lowrank_deploy.errors.UserInputError` before anything is written.
+is one line of :class:`~lowrank_core.errors.UserInputError` before anything is written.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lowrank_deploy.checks import check_memory
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.checks import check_memory
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "MAX_ELEMENTS",

@@ -18,7 +18,7 @@ from compress.plan import KEEP, LayerPlan, Plan
 from compress.planning import hw_list, plan_totals
 from compress.ranks import Candidate, EVBMFRule, RankSelection, rank_rule, select_ranks
 from compress.targets import target_text
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 __all__ = ["ONNX_METHODS", "check_onnx_method", "layer_entry", "plan_onnx_layers"]
 

@@ -22,7 +22,7 @@ from compress.factorizations import FACTORIZATIONS, factorization
 from compress.onnx_in.data import WHITENED, whitened_svd
 from compress.onnx_in.layers import OnnxLayer
 from compress.plan import Plan
-from lowrank_deploy.errors import CompressionError, ExportError
+from lowrank_core.errors import CompressionError, ExportError
 
 __all__ = ["check_rewritten", "rewrite_graph"]
 

@@ -22,8 +22,8 @@ from compress.onnx_in.core import analyze_onnx, apply_onnx_plan, onnx_agreement,
 from compress.onnx_in.data import load_npy_inputs
 from compress.onnx_in.planner import check_onnx_method
 from compress.plan import Plan
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_write_onnx
+from lowrank_core.errors import UserInputError
+from lowrank_core.io import atomic_write_onnx
 
 __all__ = [
     "DENSE_FILE",
@@ -63,9 +63,9 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
 def run_onnx(args: argparse.Namespace, plan_path: str | None = None) -> int:
     """``python -m compress run|apply --model path/to/model.onnx``: plan (or read ``plan_path``), rewrite, write the run."""
     from compress.cli.options import config_from_args, target_from_args
-    from lowrank_deploy.integrity import DIGESTS, file_digests, sha256_file
-    from lowrank_deploy.io import ensure_writable_dir
-    from lowrank_deploy.rundir import CompressRecord
+    from lowrank_core.integrity import DIGESTS, file_digests, sha256_file
+    from lowrank_core.io import ensure_writable_dir
+    from lowrank_core.rundir import CompressRecord
 
     if plan_path is not None:
         args.method = Plan.load(plan_path).method
@@ -177,7 +177,7 @@ def plan_onnx_cli(args: argparse.Namespace) -> int:
 
 def is_onnx_run(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` was written by :func:`run_onnx` (its ``compress.json`` has an ONNX ``source``)."""
-    from lowrank_deploy.io import read_json
+    from lowrank_core.io import read_json
 
     path = Path(run_dir) / "compress.json"
     if not path.is_file():

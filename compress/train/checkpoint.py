@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_path
+from lowrank_core.errors import UserInputError
+from lowrank_core.io import atomic_path
 
 __all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "LOG_FILE", "load_checkpoint", "save_checkpoint"]
 

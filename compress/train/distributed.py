@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["DistributedContext", "distributed_context", "resolve_device"]
 

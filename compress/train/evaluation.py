@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.train.distributed import DistributedContext
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 if TYPE_CHECKING:
     from compress.data import Split

@@ -21,8 +21,8 @@ from compress.train.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, LOG_FI
 from compress.train.config import TrainConfig
 from compress.train.distributed import distributed_context, resolve_device
 from compress.train.evaluation import Accuracy, evaluate
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_write_json
+from lowrank_core.errors import UserInputError
+from lowrank_core.io import atomic_write_json
 
 if TYPE_CHECKING:
     from compress.data import Split

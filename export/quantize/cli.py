@@ -18,7 +18,7 @@ from export.quantize.rules import (
     TARGETS,
 )
 from export.quantize.run import quantize_run
-from lowrank_deploy.rundir import MODELS, QUANTIZE_JSON, QUANTIZE_TRT_JSON, RunDir
+from lowrank_core.rundir import MODELS, QUANTIZE_JSON, QUANTIZE_TRT_JSON, RunDir
 
 # Command line (wired into `python -m export`) -----------------------------------------------------------
 

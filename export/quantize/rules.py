@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lowrank_deploy.errors import ExportError, UserInputError
+from lowrank_core.errors import ExportError, UserInputError
 
 if TYPE_CHECKING:
     import onnx

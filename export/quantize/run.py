@@ -41,10 +41,10 @@ from export.quantize.static import (
     quantize_int8,
     time_candidates,
 )
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.integrity import file_digests
-from lowrank_deploy.io import atomic_path, ensure_writable_dir
-from lowrank_deploy.rundir import MODELS, QUANTIZE_JSON, QUANTIZE_TRT_JSON, QuantizedRecord, RunDir
+from lowrank_core.errors import UserInputError
+from lowrank_core.integrity import file_digests
+from lowrank_core.io import atomic_path, ensure_writable_dir
+from lowrank_core.rundir import MODELS, QUANTIZE_JSON, QUANTIZE_TRT_JSON, QuantizedRecord, RunDir
 
 
 def _data_images(data: str, spec: InputSpec, split: str, n: int, seed: int) -> tuple[Any, np.ndarray]:

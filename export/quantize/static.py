@@ -22,7 +22,7 @@ from export.quantize.rules import (
     QuantizationError,
     float_layers,
 )
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 # Quantizing one file ------------------------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ from export.tensorrt.precision import (
     plan_precision,
 )
 from export.tensorrt.sparsity import capturing_logger, sparse_weight_tensors, sparsity_record
-from lowrank_deploy.errors import ExportError, UserInputError
-from lowrank_deploy.io import atomic_write_bytes
+from lowrank_core.errors import ExportError, UserInputError
+from lowrank_core.io import atomic_write_bytes
 from runtime.trt_engine import BuiltEngine, api_generation, require_tensorrt, sha256_file
 
 OnnxSource = str | os.PathLike[str] | Callable[[], "str | os.PathLike[str]"]
@@ -198,7 +198,7 @@ class EngineFromOnnx:
                 f"asked for {self.precision} but the engine built from {path.name} has "
                 f"{check['layer_precisions']} (rf-detr#1453: TensorRT 11 silently builds FP32); not saving it"
             )
-        from lowrank_deploy.device import device_identity
+        from lowrank_core.device import device_identity
 
         gpu = device_identity()
         metadata: dict[str, Any] = {

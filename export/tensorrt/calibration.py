@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from export.tensorrt.precision import MODELOPT_HINT
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
-from lowrank_deploy.io import atomic_write_bytes
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.io import atomic_write_bytes
 from runtime.trt_engine import api_generation, require_tensorrt
 
 CALIBRATION_ALGORITHMS = ("entropy", "minmax")

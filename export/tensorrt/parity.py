@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_write_json, read_json
+from lowrank_core.errors import UserInputError
+from lowrank_core.io import atomic_write_json, read_json
 
 ENGINE_TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (5e-3, 5e-3), "fp16": (1e-2, 1e-2), "int8": (1e-1, 1e-1)}
 """Engine precision → (atol, rtol) against the float32 ONNX in ONNX Runtime."""

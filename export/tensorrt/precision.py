@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lowrank_deploy.errors import ExportError, UserInputError
+from lowrank_core.errors import ExportError, UserInputError
 
 if TYPE_CHECKING:
     import onnx

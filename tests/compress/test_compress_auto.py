@@ -12,7 +12,7 @@ from compress.latency import use_latency_model
 from compress.methods import get_method
 from compress.metrics import count_params
 from compress.targets import Target
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 from tests.compress.models import TinyResNet
 from tests.compress.test_compress_latency import FakeTimer, fake_latency
 

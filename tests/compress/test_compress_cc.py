@@ -43,7 +43,7 @@ from compress.plan import KEEP, Plan
 from compress.planning import cpu_rank_multiple
 from compress.targets import Target
 from compress.zoo import create_model
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 DT = torch.float64
 CC = get_method("cc")

@@ -141,7 +141,7 @@ def test_imagenet_weights_unavailable_is_an_error(monkeypatch: pytest.MonkeyPatc
     import torch.hub
 
     from compress.models import load_model
-    from lowrank_deploy.errors import UserInputError
+    from lowrank_core.errors import UserInputError
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
 

@@ -15,7 +15,7 @@ from compress.evbmf import (
     evbmf_tau_bar,
     weakened_rank,
 )
-from lowrank_deploy.errors import CompressionError
+from lowrank_core.errors import CompressionError
 
 SIGMA = 0.1
 

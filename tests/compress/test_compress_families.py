@@ -201,7 +201,7 @@ def test_timm_model_by_name_and_checkpoint(tmp_path: Path) -> None:
 
 def test_timm_refuses_downloads_and_unknown_names() -> None:
     pytest.importorskip("timm")
-    from lowrank_deploy.errors import UserInputError
+    from lowrank_core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="never downloaded"):
         load_model("timm:resnet18", "imagenet")
@@ -302,7 +302,7 @@ def test_paper_methods_on_new_families(method_name: str, family: str, options: d
 def test_joint_svd_refuses_families_without_repeated_blocks(
     method_name: str, family: str, options: dict, reason: str
 ) -> None:
-    from lowrank_deploy.errors import CompressionError
+    from lowrank_core.errors import CompressionError
 
     model, shape = _family(family)
     method = get_method(method_name)
@@ -314,7 +314,7 @@ def test_joint_svd_refuses_families_without_repeated_blocks(
 @pytest.mark.parametrize("family", ["lraspp_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large"])
 def test_cc_with_labels_refuses_segmentation_and_detection_in_one_line(family: str) -> None:
     """The cc method's gradient sensitivities need class logits; without data cc still runs (weight-only)."""
-    from lowrank_deploy.errors import UserInputError
+    from lowrank_core.errors import UserInputError
 
     model, shape = _family(family)
     method = get_method("cc")
@@ -326,7 +326,7 @@ def test_cc_with_labels_refuses_segmentation_and_detection_in_one_line(family: s
 
 def test_data_is_refused_for_segmentation_and_detection_before_loading() -> None:
     from compress.task_models import check_data_supported
-    from lowrank_deploy.errors import UserInputError
+    from lowrank_core.errors import UserInputError
 
     check_data_supported("resnet18", "fashion-mnist")
     check_data_supported("timm:test_resnet", "fashion-mnist")
@@ -365,7 +365,7 @@ def test_segmentation_checkpoint_with_aux_classifier_loads_with_its_head(tmp_pat
 
 
 def test_aux_classifier_weights_for_a_model_without_one_are_refused(tmp_path: Path) -> None:
-    from lowrank_deploy.errors import UserInputError
+    from lowrank_core.errors import UserInputError
 
     loaded = load_model("lraspp_mobilenet_v3_large", "random")
     state = {**loaded.model.model.state_dict(), "aux_classifier.0.weight": torch.ones(2, 2, 1, 1)}
@@ -419,7 +419,7 @@ def test_parity_reports_every_named_output_and_names_the_failing_one() -> None:
     pytest.importorskip("onnxruntime")
     from export.onnx import onnx_from_torch
     from export.parity import check_onnx_parity
-    from lowrank_deploy.errors import ParityError
+    from lowrank_core.errors import ParityError
 
     model = _TwoHeads().eval()
     shape = (1, 3, 8, 8)

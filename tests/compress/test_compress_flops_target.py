@@ -13,7 +13,7 @@ import torch
 from compress.api import compress_, method_config, plan_compression
 from compress.metrics import count_macs
 from compress.zoo import create_model
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_lrsd_flops_counts_sparse_kernel_macs_and_warns_about_the_dense_graph() 
 
 
 def test_unreachable_flops_is_a_one_line_error_stating_the_maximum() -> None:
-    from lowrank_deploy.errors import CompressionError
+    from lowrank_core.errors import CompressionError
 
     model = _cifar()
     config = method_config("tucker2", ratio=None, flops=0.99, round_to=1, min_rank=1)

@@ -33,7 +33,7 @@ from compress.metrics import count_macs, count_params
 from compress.plan import Plan
 from compress.targets import Target
 from compress.zoo import create_model
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 X32 = torch.zeros(1, 3, 32, 32)
 

@@ -15,7 +15,7 @@ from compress.latency.knapsack import Option, lagrangian_choice, solve_mckp
 from compress.latency.solve import compress_to_latency_
 from compress.methods import get_method
 from compress.targets import Target
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 from tests.compress.models import TinyResNet
 
 

@@ -13,7 +13,7 @@ import pytest
 from torch import nn
 
 from compress.latency import LatencyModel, LatencyTable
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 from tests.compress.models import TinyResNet
 
 

@@ -25,7 +25,7 @@ from compress.methods import get_method, load_methods, method_names
 from compress.methods.base import Needs, register
 from compress.plan import Plan
 from compress.zoo import create_model
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 BUILT_IN = method_names()
 

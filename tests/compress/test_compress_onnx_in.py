@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.onnx_in import analyze_onnx, apply_onnx_plan, compress_onnx, onnx_agreement, plan_onnx
 from compress.onnx_in.graph import load_input_model
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[2]
 EXACT = 1e-5  # a full-rank factorization reproduces the original to float32 rounding

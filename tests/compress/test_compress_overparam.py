@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 
 @pytest.mark.parametrize(

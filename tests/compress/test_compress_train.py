@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[2]
 FMNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))

@@ -16,7 +16,7 @@ from compress.methods.vbmf_tucker import DenseTraining, VBMFTucker2Config
 from compress.overparam import ExpandedConv2d, OrthogonalityRegularizer, soft_orthogonality
 from compress.ranks import Candidate, rank_rule
 from compress.zoo import create_model
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 
 def _planted(model: nn.Module, *, fraction: float = 0.4, noise: float = 0.02, seed: int = 0) -> nn.Module:

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from compress.metrics import count_macs
 from compress.models import list_models, load_model
 from compress.zoo import create_model, is_zoo_spec, list_zoo_models, parse_zoo_name
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 # Hand counts, 10 classes, 3 input channels, BN excluded (k² · in · out per conv; FC 512·10 + 10 or 2048·10 + 10).
 # ResNet-18, BasicBlock [2, 2, 2, 2]:

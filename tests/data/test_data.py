@@ -31,7 +31,7 @@ from compress.data import (
     read_idx,
 )
 from compress.data.seeding import augment_params, splitmix64
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 import export.__main__ as cli
 from export import load_onnx, save_onnx
-from lowrank_deploy.cli import run_main
+from lowrank_core.cli import run_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,7 +67,7 @@ def install_run(monkeypatch):
     def install(run):
         def load_run(run_dir):
             if not Path(run_dir).is_dir():
-                from lowrank_deploy.errors import UserInputError
+                from lowrank_core.errors import UserInputError
 
                 raise UserInputError(f"run directory {str(run_dir)!r} does not exist")
             return run

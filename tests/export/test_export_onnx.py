@@ -36,7 +36,7 @@ from export import (
     optimize,
     save_onnx,
 )
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 TIGHT = {"atol": 1e-5, "rtol": 1e-4}  # small models: float32 rounding is ~1e-7 here
 

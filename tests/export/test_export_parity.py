@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from export import DEFAULT_ATOL, DEFAULT_RTOL, check_onnx_parity, compare_outputs, onnx_from_torch, optimize
 from export.parity import DEFAULT_SCALE_TOL
-from lowrank_deploy.errors import ParityError, UserInputError
+from lowrank_core.errors import ParityError, UserInputError
 
 # absdiff = [0, .25, 0, .0625, .5], reldiff = [0, .125, 0, inf, .0625]; all exactly representable.
 REF = np.array([1.0, 2.0, -4.0, 0.0, 8.0])

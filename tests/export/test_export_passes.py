@@ -34,7 +34,7 @@ from export import (
     remove_noops,
     reshape_to_flatten,
 )
-from lowrank_deploy.errors import ExportError
+from lowrank_core.errors import ExportError
 
 EXACT = {"atol": 1e-5, "rtol": 1e-5}  # small hand-built graphs: folding changes only float32 rounding
 

@@ -23,7 +23,7 @@ import export.quantize as quantize
 from export import onnx_from_torch, optimize, save_onnx
 from export.quantize import GATE, QuantizationError, quantize_run
 from export.tensorrt.precision import has_qdq, plan_precision
-from lowrank_deploy.rundir import QuantizedRecord, RunDir
+from lowrank_core.rundir import QuantizedRecord, RunDir
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
@@ -284,7 +284,7 @@ def test_cli_bench_and_report(run, capsys):
 
 
 def test_export_onnx_stage_drops_stale_quantized_files():
-    from lowrank_deploy.rundir import QUANTIZED_FILES
+    from lowrank_core.rundir import QUANTIZED_FILES
 
     assert {"dense.int8.onnx", "model.int8.onnx", "model.fp16.onnx", "quantize.json"} <= set(QUANTIZED_FILES)
 

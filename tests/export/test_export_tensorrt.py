@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export import tensorrt as ettrt
-from lowrank_deploy.errors import ExportError, RuntimeUnavailableError, UserInputError
+from lowrank_core.errors import ExportError, RuntimeUnavailableError, UserInputError
 
 GPU = {"name": "NVIDIA Fake GPU", "compute_capability": "8.9", "source": "test"}
 
@@ -234,7 +234,7 @@ def use_trt(monkeypatch):
     def install(version: str, **kw) -> types.ModuleType:
         mod = fake_trt(version, **kw)
         monkeypatch.setitem(sys.modules, "tensorrt", mod)
-        monkeypatch.setattr("lowrank_deploy.device.device_identity", lambda index=0: dict(GPU))
+        monkeypatch.setattr("lowrank_core.device.device_identity", lambda index=0: dict(GPU))
         return mod
 
     return install
@@ -750,7 +750,7 @@ def test_surface_check_on_a_synthetic_wheel(tmp_path, capsys):
 def test_engine_cli_records_parity_and_fails_on_mismatch(tmp_path, use_trt, monkeypatch):
     import export.tensorrt
     from export.__main__ import main
-    from lowrank_deploy.errors import ParityError
+    from lowrank_core.errors import ParityError
 
     use_trt("10.3.0", layer_dtype="Half")
     run = tmp_path / "run"

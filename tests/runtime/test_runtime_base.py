@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 from runtime import base
 from runtime.base import Runner, TensorMeta, available_backends, register_runner, runner_class
 
@@ -205,11 +205,11 @@ RUNTIME_IMPORTS = (
 
 
 def test_runtime_adds_no_heavy_imports():
-    # runtime needs lowrank_deploy.errors/_io/_cli; whatever importing those costs is compress's business.
-    baseline = _heavy_modules_after("import lowrank_deploy.errors, lowrank_deploy.io, lowrank_deploy.cli")
+    # runtime needs lowrank_core.errors/_io/_cli; whatever importing those costs is compress's business.
+    baseline = _heavy_modules_after("import lowrank_core.errors, lowrank_core.io, lowrank_core.cli")
     assert _heavy_modules_after(RUNTIME_IMPORTS) == baseline
 
 
 def test_import_runtime_is_light():
-    assert _heavy_modules_after("import lowrank_deploy.errors, lowrank_deploy.io, lowrank_deploy.cli") == set()
+    assert _heavy_modules_after("import lowrank_core.errors, lowrank_core.io, lowrank_core.cli") == set()
     assert _heavy_modules_after(RUNTIME_IMPORTS) == set()

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from lowrank_deploy.cli import run_main
+from lowrank_core.cli import run_main
 from runtime.__main__ import main
 
 FAST = ["--iters", "4", "--warmup", "0", "--warmup-iters", "1"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
 from runtime import gpu
 from runtime.torch_runner import TorchRunner
 

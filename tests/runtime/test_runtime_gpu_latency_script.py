@@ -10,7 +10,7 @@ import json
 import pytest
 
 from benchmarks import gpu_latency
-from lowrank_deploy.io import atomic_write_json
+from lowrank_core.io import atomic_write_json
 
 
 def test_defaults_cover_the_issue_matrix():

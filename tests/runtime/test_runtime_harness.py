@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 from runtime.base import TensorMeta
 from runtime.harness import BenchmarkConfig, LatencyStats, benchmark, random_feed, speedup
 

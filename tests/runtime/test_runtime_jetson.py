@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
 from runtime import jetson
 
 # AGX Orin, Jetson Linux r35/r36 (rails with mW units; GR3D_FREQ with one frequency per GPC).

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
 from runtime import ort_runner
 from runtime.ort_runner import OrtRunner, node_placement, ort_install_problem, placement_lines
 

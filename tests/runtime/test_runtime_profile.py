@@ -105,7 +105,7 @@ def test_profile_cli_writes_json_md_and_report_link(tiny_run: Path, capsys: pyte
 
 
 def test_profile_refuses_a_missing_run_dir(tmp_path: Path):
-    from lowrank_deploy.errors import UserInputError
+    from lowrank_core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="does not exist"):
         write_profile(tmp_path / "nope")

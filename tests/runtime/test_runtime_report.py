@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 from runtime.harness import BenchmarkConfig, benchmark
 from runtime.latency_record import latency_record, plot_latency, write_latency
 from runtime.report import write_report

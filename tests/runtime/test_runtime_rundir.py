@@ -1,4 +1,4 @@
-"""The run-directory contract (lowrank_deploy.rundir), runners built from it, and a torch-free ``runtime``.
+"""The run-directory contract (lowrank_core.rundir), runners built from it, and a torch-free ``runtime``.
 
 The last tests run ``python -m runtime`` in a subprocess where ``torch``, ``compress``, ``export``,
 ``onnx`` and ``matplotlib`` cannot be imported, as on a device with numpy + onnxruntime only.
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lowrank_deploy import rundir
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_write_json
-from lowrank_deploy.rundir import CompressRecord, LatencyRecord, ParityRecord, RunDir
+from lowrank_core import rundir
+from lowrank_core.errors import UserInputError
+from lowrank_core.io import atomic_write_json
+from lowrank_core.rundir import CompressRecord, LatencyRecord, ParityRecord, RunDir
 from runtime import base
 from runtime.__main__ import main
 from runtime.base import register_runner, runner_class

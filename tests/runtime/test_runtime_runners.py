@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
 from runtime.base import TensorMeta
 from runtime.harness import BenchmarkConfig, benchmark
 

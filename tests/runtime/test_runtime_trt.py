@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 
-from lowrank_deploy.errors import RuntimeUnavailableError, UserInputError
+from lowrank_core.errors import RuntimeUnavailableError, UserInputError
 from runtime.base import runner_class
 from runtime.trt_runner import TrtRunner, engine_device_memory_bytes, io_tensors
 

@@ -14,7 +14,7 @@ from compress.methods.cc.config import WEIGHTING
 from compress.methods.cc.modules import ConvShape, layer_cost
 from compress.methods.cc.scores import candidate_scores, channel_sum, unfold
 from compress.reuse import fingerprint, memoized
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 __all__ = [
     "HeuristicRun",

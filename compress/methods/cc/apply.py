@@ -10,7 +10,7 @@ from torch import nn
 from compress.methods.cc.modules import DECOMP, PRUNE, ChannelSelect
 from compress.plan import KEEP, LayerPlan, Plan
 from compress.planning import one_thread, planned_module, set_submodule
-from lowrank_deploy.errors import CompressionError
+from lowrank_core.errors import CompressionError
 
 __all__ = ["apply_cc_"]
 

@@ -30,7 +30,7 @@ from compress.plan import Plan
 from compress.planning import FilterFn
 from compress.reuse import memoized
 from compress.targets import Target
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["MODES", "CollaborativeMethod", "calibration_batches", "cc_compress_", "mode_fields"]
 

@@ -31,7 +31,7 @@ from compress.planning import (
 )
 from compress.progress import Progress
 from compress.reuse import fingerprint, memoized
-from lowrank_deploy.errors import CompressionError
+from lowrank_core.errors import CompressionError
 
 __all__ = ["plan_cc"]
 

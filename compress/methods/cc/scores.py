@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.progress import Progress
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "GRADIENT_BATCH_SIZE",

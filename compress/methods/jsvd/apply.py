@@ -16,7 +16,7 @@ from compress.methods.jsvd.grouping import JOINT_ACTIONS, max_rank
 from compress.methods.jsvd.modules import ParallelSum, pair_convs
 from compress.plan import LayerPlan, Plan
 from compress.planning import planned_module, relative_error, set_submodule
-from lowrank_deploy.errors import CompressionError
+from lowrank_core.errors import CompressionError
 
 __all__ = ["apply_joint_plan"]
 

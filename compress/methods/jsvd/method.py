@@ -13,7 +13,7 @@ from compress.methods.jsvd.planner import JointSVDConfig, plan_joint_svd
 from compress.plan import Plan
 from compress.planning import FilterFn
 from compress.targets import Target
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = ["BI_ITERS", "BI_P", "RHO", "JointSVDMethod"]
 

@@ -48,7 +48,7 @@ from compress.planning import (
     plan_totals,
 )
 from compress.targets import check_target
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 __all__ = ["JointSVDConfig", "norm_params", "plan_joint_svd"]
 

@@ -32,7 +32,7 @@ from compress.methods.lrsd.statistics import LayerStats, collect_stats, data_pro
 from compress.metrics import count_macs, count_params, trace_geometry
 from compress.planning import layer_progress, planned_module, relative_error, set_submodule
 from compress.reuse import fingerprint, memoized
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 if TYPE_CHECKING:
     from torch import nn

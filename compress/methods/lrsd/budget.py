@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from compress.plan import LayerPlan
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 if TYPE_CHECKING:
     from compress.methods.lrsd.planner import LowRankSparseConfig

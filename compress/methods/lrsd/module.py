@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_deploy.errors import CompressionError
+from lowrank_core.errors import CompressionError
 
 __all__ = ["LowRankSparse"]
 

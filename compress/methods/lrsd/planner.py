@@ -35,7 +35,7 @@ from compress.planning import (
     plan_totals,
 )
 from compress.targets import check_flops, check_ratio
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 if TYPE_CHECKING:
     import torch

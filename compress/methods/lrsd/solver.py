@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank_deploy.errors import CompressionError, UserInputError
+from lowrank_core.errors import CompressionError, UserInputError
 
 __all__ = ["LRSDResult", "project_sparse", "solve_lrsd"]
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.progress import Progress
-from lowrank_deploy.errors import CompressionError
+from lowrank_core.errors import CompressionError
 
 __all__ = ["LayerStats", "calibration_batches", "collect_stats", "data_problem", "response_error", "weight_matrix"]
 

@@ -1,6 +1,6 @@
 """Input checks shared by the stages: bounded numbers, memory budgets, usable weights.
 
-Each check raises a one-line :class:`~lowrank_deploy.errors.UserInputError` naming the offending value,
+Each check raises a one-line :class:`~lowrank_core.errors.UserInputError` naming the offending value,
 before anything is allocated or written. ``argparse`` types (:func:`duration_arg`, :func:`count_arg`)
 wrap the same checks. torch is imported only by the weight checks.
 """
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "MAX_BATCH",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lowrank_deploy.errors import ExportError, UserInputError
+from lowrank_core.errors import ExportError, UserInputError
 
 TEMP_MARKER = ".lrd-tmp"
 """What :func:`atomic_path` puts between the random part and the suffix: ``.model.<8 random>.lrd-tmp.onnx``."""
@@ -50,7 +50,7 @@ def before_first_write(folder: str | os.PathLike[str], action: Callable[[Path], 
     """Run ``action`` once, as soon as :func:`atomic_path` has put the block's first file into ``folder``.
 
     A stage that fails before a file is in place (a refused input, a full disk) leaves the folder untouched;
-    one that writes runs ``action(first_file)`` (:func:`lowrank_deploy.integrity.clear_downstream`) right after
+    one that writes runs ``action(first_file)`` (:func:`lowrank_core.integrity.clear_downstream`) right after
     its first rename, before anything else.
     """
     key = Path(folder).resolve()

@@ -1,7 +1,7 @@
 """Command-line plumbing shared by ``python -m compress|export|runtime``.
 
 Follows Polygraphy's ``tools/_main.py``: a ``main(argv) -> int`` whose single expected-error type
-(:class:`~lowrank_deploy.errors.LowrankDeployError`) becomes one line on stderr and exit code 1. Argument
+(:class:`~lowrank_core.errors.LowrankDeployError`) becomes one line on stderr and exit code 1. Argument
 errors are one line too (exit 2), not argparse's usage block.
 """
 
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from lowrank_deploy.errors import LowrankDeployError
+from lowrank_core.errors import LowrankDeployError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -31,7 +31,7 @@ def run_main(prog: str, main: Callable[[Sequence[str] | None], int], argv: Seque
     SIGTERM is handled like Ctrl-C (temporary files removed, exit 128 + signal); a full disk, a read-only
     folder or a denied write is one line too (exit 1).
     """
-    from lowrank_deploy.integrity import Terminated, install_signal_handlers
+    from lowrank_core.integrity import Terminated, install_signal_handlers
 
     install_signal_handlers()
     try:

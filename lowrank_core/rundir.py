@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from lowrank_deploy.errors import UserInputError
-from lowrank_deploy.io import atomic_write_json, read_json
+from lowrank_core.errors import UserInputError
+from lowrank_core.io import atomic_write_json, read_json
 
 __all__ = [
     "CHECKPOINT",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowrank_deploy.errors import RuntimeUnavailableError
+from lowrank_core.errors import RuntimeUnavailableError
 
 
 def _import_pynvml() -> Any:

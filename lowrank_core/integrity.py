@@ -14,7 +14,7 @@ stage to re-run; a record without digests (an older run directory) is trusted as
 :func:`run_lock` excludes concurrent writers of one run directory (``fcntl.flock`` on ``RUN_DIR/.lock``,
 re-entrant within a process) and, once held, removes the orphaned temporary files of earlier killed
 runs (:func:`clean_orphans`). :func:`install_signal_handlers` turns SIGTERM into an exception like
-Ctrl-C, so the atomic writers of :mod:`lowrank_deploy.io` remove their temporary files on the way out.
+Ctrl-C, so the atomic writers of :mod:`lowrank_core.io` remove their temporary files on the way out.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lowrank_deploy.errors import UserInputError
+from lowrank_core.errors import UserInputError
 
 __all__ = [
     "DIGESTS",
@@ -66,7 +66,7 @@ COMPRESS_OUTPUTS = (PLAN, *WEIGHTS)
 
 
 def _stages() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
-    from lowrank_deploy import rundir as rd
+    from lowrank_core import rundir as rd
 
     sidecars = tuple(n + rd.ENGINE_SIDECAR_SUFFIX for n in (rd.DENSE_ENGINE, rd.MODEL_ENGINE))
     return {  # stage: (the files it writes, the stages whose files it reads)
@@ -136,7 +136,7 @@ def _recorded(record: Mapping[str, Any] | None, key: str) -> dict[str, str]:
 def _read(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    from lowrank_deploy.io import read_json
+    from lowrank_core.io import read_json
 
     data = read_json(path, what=path.name)
     return data if isinstance(data, dict) else None
@@ -253,7 +253,7 @@ def run_lock(
 
     With ``stage`` (a key of :data:`STAGES`), the files of every stage made from its files are removed as soon as
     the block has put its first file in place (:func:`clear_downstream`, via
-    :func:`lowrank_deploy.io.before_first_write`): a re-run killed mid-way leaves no report of the run before.
+    :func:`lowrank_core.io.before_first_write`): a re-run killed mid-way leaves no report of the run before.
 
     Re-entrant within one process (the chained command holds it while its stages take it again). Once
     acquired, orphaned temporary files of earlier killed runs are removed (:func:`clean_orphans`); the
@@ -268,7 +268,7 @@ def run_lock(
         if not create:
             yield None
             return
-        from lowrank_deploy.io import ensure_writable_dir
+        from lowrank_core.io import ensure_writable_dir
 
         ensure_writable_dir(folder)
     with _locked(folder) as lock, _clearing(folder, stage):
@@ -280,7 +280,7 @@ def _clearing(folder: Path, stage: str | None) -> Iterator[None]:
     if stage is None:
         yield
         return
-    from lowrank_deploy.io import before_first_write
+    from lowrank_core.io import before_first_write
 
     downstream(stage)  # an unknown stage fails now, not at the first write
     with before_first_write(folder, lambda first: clear_downstream(folder, stage, keep=(first.name,))):
@@ -371,9 +371,9 @@ def _release(folder: Path, fd: int) -> None:
 def run_dir_file_names() -> frozenset[str]:
     """Every file name the stages write into a run directory.
 
-    :mod:`lowrank_deploy.rundir`'s constants, the engine sidecars and ``profile.json``/``profile.md``.
+    :mod:`lowrank_core.rundir`'s constants, the engine sidecars and ``profile.json``/``profile.md``.
     """
-    from lowrank_deploy import rundir
+    from lowrank_core import rundir
 
     names = {v for k, v in vars(rundir).items() if k.isupper() and isinstance(v, str) and "." in v[1:]}
     names.discard(rundir.ENGINE_SIDECAR_SUFFIX)
@@ -384,12 +384,12 @@ def run_dir_file_names() -> frozenset[str]:
 def is_orphan(name: str) -> bool:
     """Whether ``name`` is a temporary file this project's writers create in a run directory.
 
-    Exactly two forms, nothing looser: :func:`lowrank_deploy.io.atomic_path`'s
+    Exactly two forms, nothing looser: :func:`lowrank_core.io.atomic_path`'s
     ``.<stem>.<8 random>.lrd-tmp<suffix>`` (or the ``.tmp<suffix>`` form of earlier versions) for one
     of the run directory's own files (``.model.k3j9x_qa.lrd-tmp.onnx``), and ``ensure_writable_dir``'s
     ``.write-test-<8 random>``. A user's ``.notes.2024.tmp.txt`` or ``.backup.v1.tmpl`` is neither.
     """
-    from lowrank_deploy.io import is_write_test, temporary_target
+    from lowrank_core.io import is_write_test, temporary_target
 
     if is_write_test(name):
         return True
