@@ -17,8 +17,8 @@ from torch import nn
 from compress.attention import attention_paths_in_plan, fused_attention_reason, unfuse_attention_
 from compress.factorizations import FACTORIZATIONS, LayerGeometry, dense_macs, factorization
 from compress.plan import KEEP, LayerPlan, Plan
-from compress.progress import Progress
 from lowrank_core.errors import CompressionError
+from lowrank_core.progress import Progress
 
 __all__ = [
     "FilterFn",
@@ -194,7 +194,7 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def layer_progress(total: int, desc: str, *, enabled: bool | None = None) -> Progress:
-    """Per-layer progress on stderr (:class:`compress.progress.Progress`): a bar on a terminal, lines in a log.
+    """Per-layer progress on stderr (:class:`lowrank_core.progress.Progress`): a bar on a terminal, lines in a log.
 
     ``enabled=False`` silences it. Call ``update(1)`` per finished layer and ``close()`` at the end (or use
     it as a context manager).

@@ -26,10 +26,10 @@ from torch import nn
 
 from compress.data import Dataset, load_data
 from compress.models import LoadedModel, load_model
-from compress.progress import heartbeat
 from compress.train import Accuracy, Regularizer, TrainConfig, Trainer, TrainResult, evaluate
 from lowrank_core.errors import UserInputError
 from lowrank_core.io import atomic_path, atomic_write_json, ensure_writable_dir, read_json
+from lowrank_core.progress import heartbeat
 from lowrank_core.rundir import CHECKPOINT, MODEL_WEIGHTS, RAW_WEIGHTS, TRAIN_JSON, CompressRecord
 
 __all__ = ["Prepared", "evaluate_model", "finetune_run", "prepare", "train_model"]

@@ -150,7 +150,7 @@ def _export_run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--batch must be >= 1, got {args.batch}")
     try:
         from compress.artifacts import load_run
-        from compress.progress import heartbeat
+        from lowrank_core.progress import heartbeat
     except ImportError as exc:
         raise UserInputError(
             f"compress.artifacts is not available ({exc}); install the compress stage of lowrank-deploy"

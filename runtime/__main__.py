@@ -210,7 +210,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cli = vars(args)
     runners = cls.bench_runners(run_dir, **cls.cli_options(cli))
 
-    from compress.progress import heartbeat
+    from lowrank_core.progress import heartbeat
     from runtime.jetson import bench_sampler, jetson_record
 
     sampler = bench_sampler(args.tegrastats, interval_ms=args.tegrastats_interval)

@@ -42,7 +42,6 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {
     ("compress.latency.int8", "export.quantize"): "int8 block timing quantizes like `export quantize`",
     ("compress.latency.int8", "export.quantize.rules"): "int8 block timing quantizes like `export quantize`",
     ("runtime.torch_runner", "compress.artifacts"): "the torch backend rebuilds a compress run (lazy, optional)",
-    ("runtime.__main__", "compress.progress"): "heartbeat: moves to the foundation",
 }
 
 # Imports inside functions of packages outside the project: only optional or heavy dependencies, each kept

@@ -12,7 +12,7 @@ The whole solve runs in one :func:`compress.reuse.reuse_scope`: what a method co
 depend on its knob (CC's gradient statistics, sensitivity curves and heuristic runs, LRSD's calibration
 images and dense statistics, ``auto``'s candidate errors) is computed at the first knob value and reused
 at the others, giving the same plans. Each bisection step writes a progress line
-(:class:`compress.progress.Progress`), also into a log.
+(:class:`lowrank_core.progress.Progress`), also into a log.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from torch import nn
 from compress.latency import current_latency_model, use_latency_model
 from compress.latency.model import DenseProfile, LatencyModel
 from compress.plan import Plan
-from compress.progress import Progress, heartbeat, say
 from compress.reuse import reuse_scope
 from compress.targets import Target
 from lowrank_core.errors import CompressionError, UserInputError
+from lowrank_core.progress import Progress, heartbeat, say
 
 __all__ = ["LatencyOutcome", "compress_to_latency_", "knob_kind"]
 

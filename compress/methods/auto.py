@@ -49,10 +49,10 @@ from compress.methods.base import (
 from compress.metrics import count_params, trace_geometry
 from compress.plan import LayerPlan, Plan
 from compress.planning import FilterFn, common_skip_reason, find_stem, hw_list, keep_entry, layer_params, plan_totals
-from compress.progress import Progress
 from compress.reuse import fingerprint, memoized
 from compress.targets import Target
 from lowrank_core.errors import CompressionError, UserInputError
+from lowrank_core.progress import Progress
 
 __all__ = ["AutoConfig", "AutoMethod", "approximation", "candidate_errors", "output_errors", "plan_auto"]
 

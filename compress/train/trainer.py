@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.progress import Progress, heartbeat
 from compress.train.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, LOG_FILE, load_checkpoint, save_checkpoint
 from compress.train.config import TrainConfig
 from compress.train.distributed import distributed_context, resolve_device
 from compress.train.evaluation import Accuracy, evaluate
 from lowrank_core.errors import UserInputError
 from lowrank_core.io import atomic_write_json
+from lowrank_core.progress import Progress, heartbeat
 
 if TYPE_CHECKING:
     from compress.data import Split
@@ -98,7 +98,7 @@ class Trainer:
         regularizers: Extra loss terms, each logged per epoch under its ``name``.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         meta: Facts stored in the checkpoint (model spec, plan, data) so it can be rebuilt.
-        progress: Progress on stderr, rank 0 (:class:`compress.progress.Progress`: ``None`` = a bar on a
+        progress: Progress on stderr, rank 0 (:class:`lowrank_core.progress.Progress`: ``None`` = a bar on a
             terminal, throttled lines with epoch, batch, loss and ETA in a log; ``False``: off).
         log: Where the per-epoch lines go (default: stderr).
         label: What the progress lines call the run (``train``, ``finetune``).

@@ -1,6 +1,6 @@
 """Long stages say what they are doing, also in a log, and the latency solver reuses knob-independent work (issue 22).
 
-* :class:`compress.progress.Progress` writes throttled plain lines with an ETA when stderr is not a
+* :class:`lowrank_core.progress.Progress` writes throttled plain lines with an ETA when stderr is not a
   terminal (a tqdm bar on one); every stage uses it: CC/LRSD/auto planning, training, the solver's steps.
 * Inside :func:`compress.reuse.reuse_scope` CC's gradients, curves and heuristic runs and LRSD's
   calibration statistics are computed once, and every plan equals the one made without the scope.
@@ -28,10 +28,10 @@ from compress.methods.cc.allocation import HeuristicRun, heuristic_trajectory
 from compress.methods.cc.modules import ConvShape
 from compress.methods.cc.planner import plan_cc
 from compress.methods.lrsd import LowRankSparseConfig, lrsd_compress_
-from compress.progress import ENV_INTERVAL, ENV_MODE, Progress, heartbeat
 from compress.reuse import fingerprint, reuse_scope
 from compress.targets import Target
 from compress.train import TrainConfig, Trainer
+from lowrank_core.progress import ENV_INTERVAL, ENV_MODE, Progress, heartbeat
 from tests.compress.models import TinyResNet
 from tests.compress.test_compress_latency import FakeTimer
 
@@ -98,7 +98,7 @@ def test_progress_writes_throttled_lines_with_an_eta_and_a_final_line_in_a_log()
 
 def test_the_eta_follows_the_recent_rate_not_a_slow_first_unit(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [0.0]
-    monkeypatch.setattr("compress.progress.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("lowrank_core.progress.time.perf_counter", lambda: clock[0])
     bar = Progress(10, "solve", interval=3600, stream=io.StringIO())
     for seconds in (100.0, 1.0, 1.0, 1.0):  # the first step fills the caches, the others reuse them
         clock[0] += seconds

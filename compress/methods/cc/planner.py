@@ -29,9 +29,9 @@ from compress.planning import (
     layer_params,
     one_thread,
 )
-from compress.progress import Progress
 from compress.reuse import fingerprint, memoized
 from lowrank_core.errors import CompressionError
+from lowrank_core.progress import Progress
 
 __all__ = ["plan_cc"]
 

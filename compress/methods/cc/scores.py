@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.progress import Progress
 from lowrank_core.errors import UserInputError
+from lowrank_core.progress import Progress
 
 __all__ = [
     "GRADIENT_BATCH_SIZE",
@@ -235,7 +235,7 @@ def gradient_statistics(
     The model runs in eval mode (BN uses its running statistics); nothing in it changes (gradients are
     taken with :func:`torch.autograd.grad`, ``.grad`` fields are left alone).
 
-    ``progress`` as :class:`compress.progress.Progress` (``None``: a bar on a terminal, lines in a log).
+    ``progress`` as :class:`lowrank_core.progress.Progress` (``None``: a bar on a terminal, lines in a log).
 
     Returns:
         ``(G per path in float64 on CPU, {"images", "batches"})``.

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.progress import Progress
 from lowrank_core.errors import CompressionError
+from lowrank_core.progress import Progress
 
 __all__ = ["LayerStats", "calibration_batches", "collect_stats", "data_problem", "response_error", "weight_matrix"]
 
@@ -180,7 +180,7 @@ def collect_stats(
             images and positions give ``cross = X_dense X_compᵀ`` and ``gram_dense``.
         positions_per_image: Random output positions sampled per image for convs (0 = all positions).
         seed: Seed of the position sampling (the same positions are used in both models).
-        progress: Progress per batch on stderr (:class:`compress.progress.Progress`; ``False``: off).
+        progress: Progress per batch on stderr (:class:`lowrank_core.progress.Progress`; ``False``: off).
     """
     modules = {p: model.get_submodule(p) for p in paths}
     stats: dict[str, LayerStats] = {}

@@ -1,4 +1,6 @@
-"""What a long stage is doing, on stderr: one helper for every stage (planning, training, calibration, export).
+"""What a long stage is doing, on stderr: one helper for every stage (planning, training, calibration, export, bench).
+
+It lives in the foundation (standard library only; tqdm lazily) so ``runtime`` uses it without compress or torch.
 
 On a terminal a :class:`Progress` is a tqdm bar (count, rate, ETA). Anywhere else — ``2>log``, a pipe,
 CI — it writes plain lines, at most one per ``interval`` seconds plus a final line once the stage has
