@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from torch import nn
 
 from compress.plan import LayerPlan
 from lowrank_core.errors import CompressionError, UserInputError
 
-if TYPE_CHECKING:
-    from compress.methods.lrsd.planner import LowRankSparseConfig
-
 __all__ = [
+    "BudgetOptions",
     "allocate_ratios",
     "card_for",
     "card_limit",
@@ -25,6 +23,41 @@ __all__ = [
     "matrix_dims",
     "split_budget",
 ]
+
+
+class BudgetOptions(Protocol):
+    """The allocation options the budget reads (:class:`~compress.methods.lrsd.planner.LowRankSparseConfig` has them).
+
+    A protocol, so this module needs nothing of the planner that imports it.
+    """
+
+    @property
+    def allocation(self) -> str:
+        """``uniform`` or ``conv_fc``."""
+
+    @property
+    def conv_ratio(self) -> float | None:
+        """A fixed conv ratio, or ``None``."""
+
+    @property
+    def fc_ratio(self) -> float | None:
+        """A fixed FC ratio, or ``None``."""
+
+    @property
+    def fc_factor(self) -> float:
+        """FC ratio / conv ratio when neither is fixed."""
+
+    @property
+    def layer_ratios(self) -> Sequence[tuple[str, float]]:
+        """``(pattern, ratio)`` overrides."""
+
+    @property
+    def flops(self) -> float | None:
+        """The FLOPs fraction to remove, or ``None``."""
+
+    @property
+    def structured(self) -> str:
+        """``none`` or ``2:4``."""
 
 
 def matrix_dims(module: nn.Module) -> tuple[int, int, int, int]:
@@ -94,7 +127,7 @@ def allocate_ratios(
     is_fc: dict[str, bool],
     fixed_params: int,
     target_params: float,
-    config: LowRankSparseConfig,
+    config: BudgetOptions,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Per-layer ratios so that the compressed layers plus everything else meet ``target_params``.
 
@@ -172,7 +205,7 @@ def entries_for_flops(
     layer_entries: Callable[[float], tuple[dict[str, LayerPlan], dict[str, Any]]],
     total_params: int,
     total_macs: int,
-    config: LowRankSparseConfig,
+    config: BudgetOptions,
     warnings: list[str],
 ) -> tuple[dict[str, LayerPlan], dict[str, Any]]:
     """Bisect the parameter target until the sparse-kernel MACs meet ``config.flops`` (they fall with it)."""
