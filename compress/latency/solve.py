@@ -181,6 +181,22 @@ def compress_to_latency_(
         assert chosen is not None
         outcome, dense_meas, comp_meas = chosen
         plan = _finish_(method, compressed, outcome, options, target, example_input, data, model_name)
+    knob = None if native else knob_kind(method)
+    _record_target(plan, target, knob, outcome, (dense_meas, comp_meas), history)
+    plan.target["latency_model"] = latency.to_dict()
+    return plan
+
+
+def _record_target(
+    plan: Plan,
+    target: Target,
+    knob: str | None,
+    outcome: Any,
+    measured: tuple[float, float],
+    history: list[dict[str, Any]],
+) -> None:
+    """``plan.target["latency_target"]``: goal, achieved, measured and predicted ms; a warning when it was missed."""
+    dense_meas, comp_meas = measured
     achieved = dense_meas / comp_meas if target.kind == "speedup" else comp_meas
     met = comp_meas <= (dense_meas / target.value if target.kind == "speedup" else target.value)
     plan.target["latency_target"] = {
@@ -188,20 +204,18 @@ def compress_to_latency_(
         "value": target.value,
         "achieved": achieved,
         "met": met,
-        "knob": None if native else {knob_kind(method): outcome.value},
+        "knob": None if knob is None else {knob: outcome.value},
         "dense_ms": dense_meas,
         "measured_ms": comp_meas,
         "predicted_ms": outcome.predicted_ms,
         "relative_error": (outcome.predicted_ms - comp_meas) / comp_meas,
         "rounds": history,
     }
-    plan.target["latency_model"] = latency.to_dict()
     if not met:
         plan.warnings.append(
             f"{target.text()} missed as measured after {len(history)} rounds: {_speedup_text(dense_meas, comp_meas)}; "
             "the timing is noisy or the target is at the edge of what the method reaches"
         )
-    return plan
 
 
 def _finish_(

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from compress import decompose
-from compress.factorizations import Factorization, dense_macs, factorization
+from compress.factorizations import Factorization, LayerGeometry, dense_macs, factorization
 from compress.latency.knapsack import Option as Choice
 from compress.latency.knapsack import solve_mckp
 from compress.methods.base import (
@@ -295,9 +295,79 @@ def plan_auto(
 
         latency = current_latency_model(batch=int(example_input.shape[0]))
         dense = latency.profile_dense(model, example_input)
+    else:
+        dense = None
 
+    entries, layers, pending, fixed_cost = _scan(model, config, geometry, stem, filter_fn, latency, dense)
+    if not layers:
+        raise CompressionError(f"nothing to compress in {model_name}: every Conv2d/Linear is kept by rule")
+    proxy = "weight" if data is None else "output"
+    grams = {} if data is None else _input_grams(model, [p for p, _, _ in layers], data, config.calibration_samples)
+    cost_key = {"ratio": "params", "flops": "macs"}.get(target.kind, "ms")
+    groups = _error_groups(layers, pending, grams, proxy, cost_key)
+
+    dense_total, floor, unit, goal = _goal(target, groups, total_params, total_macs, dense, fixed_cost)
+    budget = goal - floor
+    try:
+        solution = solve_mckp(groups, budget)
+    except UserInputError:
+        best_total = floor + sum(min(o.cost for o in g) for g in groups)
+        raise UserInputError(_unreachable(target, model_name, best_total, dense_total)) from None
+
+    for (path, module, rows), j in zip(layers, solution.choice, strict=True):
+        entries[path] = _chosen_entry(path, module, rows, j, geometry[path], proxy)
+
+    ordered = [entries[p] for p, m in model.named_modules() if p in entries]
+    totals = plan_totals(ordered, total_params, total_macs)
+    record: dict[str, Any] = {
+        "ratio": config.ratio,
+        "flops": config.flops,
+        "kind": target.kind,
+        "value": target.value,
+        "achieved_ratio": total_params / totals["params_after"],
+        "achieved_flops_reduction": 1.0 - totals["macs_after"] / max(total_macs, 1),
+        "budget": budget,
+        "budget_unit": unit,
+        "cost": solution.cost,
+        "lambda": solution.lam,
+        "error_proxy": proxy,
+        "error_proxy_text": ERROR_PROXIES[proxy],
+        "total_error": solution.error,
+    }
+    if latency is not None:
+        record.update(_latency_record(dense, latency, fixed_cost + solution.cost))
+    return Plan(
+        model=model_name,
+        method="auto",
+        config=config.to_dict(),
+        input_shape=list(example_input.shape),
+        layers=ordered,
+        target=record,
+        totals=totals,
+    )
+
+
+def _scan(
+    model: nn.Module,
+    config: AutoConfig,
+    geometry: dict[str, LayerGeometry],
+    stem: str | None,
+    filter_fn: FilterFn | None,
+    latency: Any,
+    dense: Any,
+) -> tuple[
+    dict[str, LayerPlan],
+    list[tuple[str, nn.Module, list[dict[str, Any]]]],
+    list[list[tuple[Factorization, tuple[int, ...]]]],
+    float,
+]:
+    """Step 1: a keep entry for every layer left dense, and every other layer's candidate table.
+
+    Returns:
+        The keep entries, the candidate layers with their rows, their candidates, and the cost of the kept layers.
+    """
+    target = config.target
     entries: dict[str, LayerPlan] = {}
-    groups: list[list[Choice]] = []
     layers: list[tuple[str, nn.Module, list[dict[str, Any]]]] = []
     pending: list[list[tuple[Factorization, tuple[int, ...]]]] = []
     fixed_cost = 0.0
@@ -325,14 +395,8 @@ def plan_auto(
             )
             continue
         assert geom is not None
-        rows = [{"action": "keep", "ranks": None, "params": layer_params(module), "macs": dense_macs(module, geom)}]
-        rows[0].update(ms=dense_ms, error=0.0)
-        for fact, ranks in cands:
-            row = {"action": fact.name, "ranks": list(ranks), "params": fact.params(module, ranks)}
-            row["macs"] = fact.macs(module, ranks, geom)
-            if latency is not None:
-                row["ms"] = latency.block_ms(fact.build(module, ranks), dense.inputs[path])
-            rows.append(row)
+        block_input = dense.inputs[path] if latency is not None else None
+        rows = _candidate_rows(module, cands, geom, dense_ms, latency, block_input)
         layers.append((path, module, rows))
         pending.append(cands)
         if timing is not None:
@@ -341,18 +405,59 @@ def plan_auto(
         latency.save()
     if timing is not None:
         timing.close()
-    if not layers:
-        raise CompressionError(f"nothing to compress in {model_name}: every Conv2d/Linear is kept by rule")
-    proxy = "weight" if data is None else "output"
-    grams = {}
-    if data is not None:
-        paths = [p for p, _, _ in layers]
-        grams = memoized(  # the stored value holds ``data``: its id stays valid
-            "auto input grams",
-            lambda: (fingerprint(model), tuple(paths), id(data), config.calibration_samples),
-            lambda: (data, input_grams(model, paths, data, config.calibration_samples)),
-        )[1]
-    cost_key = {"ratio": "params", "flops": "macs"}.get(target.kind, "ms")
+    return entries, layers, pending, fixed_cost
+
+
+def _latency_record(dense: Any, latency: Any, cost: float) -> dict[str, Any]:
+    """The predicted latency of the chosen plan (``cost`` in profile units) and the latency model."""
+    predicted = dense.scale * cost
+    return {
+        "dense_ms": dense.total_ms,
+        "scale": dense.scale,
+        "predicted_ms": predicted,
+        "predicted_speedup": dense.total_ms / predicted,
+        "latency_model": latency.to_dict(),
+    }
+
+
+def _candidate_rows(
+    module: nn.Module,
+    cands: list[tuple[Factorization, tuple[int, ...]]],
+    geom: LayerGeometry,
+    dense_ms: float | None,
+    latency: Any,
+    block_input: Any,
+) -> list[dict[str, Any]]:
+    """The table of one layer: ``keep`` first, then each candidate with its params, MACs (and block ms)."""
+    rows = [{"action": "keep", "ranks": None, "params": layer_params(module), "macs": dense_macs(module, geom)}]
+    rows[0].update(ms=dense_ms, error=0.0)
+    for fact, ranks in cands:
+        row = {"action": fact.name, "ranks": list(ranks), "params": fact.params(module, ranks)}
+        row["macs"] = fact.macs(module, ranks, geom)
+        if latency is not None:
+            row["ms"] = latency.block_ms(fact.build(module, ranks), block_input)
+        rows.append(row)
+    return rows
+
+
+def _input_grams(model: nn.Module, paths: list[str], data: Batches, samples: int) -> dict[str, Any]:
+    """The calibration input Gram matrix of every candidate layer (memoized for the same model and data)."""
+    return memoized(  # the stored value holds ``data``: its id stays valid
+        "auto input grams",
+        lambda: (fingerprint(model), tuple(paths), id(data), samples),
+        lambda: (data, input_grams(model, paths, data, samples)),
+    )[1]
+
+
+def _error_groups(
+    layers: list[tuple[str, nn.Module, list[dict[str, Any]]]],
+    pending: list[list[tuple[Factorization, tuple[int, ...]]]],
+    grams: dict[str, Any],
+    proxy: str,
+    cost_key: str,
+) -> list[list[Choice]]:
+    """Each candidate's error proxy (written into its row) and each layer's (cost, error) choices for the knapsack."""
+    groups = []
     bar = Progress(len(layers), f"auto: {proxy}-space errors of the candidates", unit="layer")
     for (path, module, rows), cands in zip(layers, pending, strict=True):
         errors: dict[tuple[str, tuple[int, ...]], float] = {}
@@ -366,82 +471,46 @@ def plan_auto(
             row["error"] = errors[(fact.name, ranks)]
         groups.append([Choice(cost=float(r[cost_key]), error=float(r["error"])) for r in rows])
     bar.close()
+    return groups
 
+
+def _goal(
+    target: Target, groups: list[list[Choice]], total_params: int, total_macs: int, dense: Any, fixed_cost: float
+) -> tuple[float, float, str, float]:
+    """``(dense total, cost of everything but the candidates, unit, goal)`` in the target's cost unit."""
     cand_dense = sum(g[0].cost for g in groups)
     if target.kind == "ratio":  # what the candidates may cost: the goal minus everything else
-        dense_total, floor, unit = float(total_params), total_params - cand_dense, "params"
-        goal = total_params / target.value
-    elif target.kind == "flops":
-        dense_total, floor, unit = float(total_macs), total_macs - cand_dense, "MACs"
-        goal = (1.0 - target.value) * total_macs
+        return float(total_params), total_params - cand_dense, "params", total_params / target.value
+    if target.kind == "flops":
+        return float(total_macs), total_macs - cand_dense, "MACs", (1.0 - target.value) * total_macs
+    goal = (dense.total_ms / target.value if target.kind == "speedup" else target.value) / dense.scale
+    return dense.total_ms / dense.scale, fixed_cost, "ms", goal
+
+
+def _chosen_entry(
+    path: str, module: nn.Module, rows: list[dict[str, Any]], j: int, geom: LayerGeometry, proxy: str
+) -> LayerPlan:
+    """The plan entry of the candidate the knapsack chose (row ``j``), with the whole table in its info."""
+    row = rows[j]
+    if row["action"] == "keep":
+        entry = keep_entry(path, module, geom, "auto: keeping it dense costs least error within the budget")
     else:
-        dense_total, floor, unit = dense.total_ms / dense.scale, fixed_cost, "ms"
-        goal = (dense.total_ms / target.value if target.kind == "speedup" else target.value) / dense.scale
-    budget = goal - floor
-    try:
-        solution = solve_mckp(groups, budget)
-    except UserInputError:
-        best_total = floor + sum(min(o.cost for o in g) for g in groups)
-        raise UserInputError(_unreachable(target, model_name, best_total, dense_total)) from None
-
-    for (path, module, rows), j in zip(layers, solution.choice, strict=True):
-        info = {"candidates": rows, "chosen": j, "error_proxy": proxy}
-        row, geom = rows[j], geometry[path]
-        if row["action"] == "keep":
-            entry = keep_entry(path, module, geom, "auto: keeping it dense costs least error within the budget")
-        else:
-            entry = LayerPlan(
-                path=path,
-                type=type(module).__name__,
-                shape=list(module.weight.shape),
-                action=row["action"],
-                ranks=list(row["ranks"]),
-                reason=None,
-                params_before=layer_params(module),
-                params_after=int(row["params"]),
-                macs_before=int(rows[0]["macs"]),
-                macs_after=int(row["macs"]),
-                in_hw=hw_list(geom.in_hw),
-                out_hw=hw_list(geom.out_hw),
-            )
-        entry.info = info
-        entries[path] = entry
-
-    ordered = [entries[p] for p, m in model.named_modules() if p in entries]
-    totals = plan_totals(ordered, total_params, total_macs)
-    record: dict[str, Any] = {
-        "ratio": config.ratio,
-        "flops": config.flops,
-        "kind": target.kind,
-        "value": target.value,
-        "achieved_ratio": total_params / totals["params_after"],
-        "achieved_flops_reduction": 1.0 - totals["macs_after"] / max(total_macs, 1),
-        "budget": budget,
-        "budget_unit": unit,
-        "cost": solution.cost,
-        "lambda": solution.lam,
-        "error_proxy": proxy,
-        "error_proxy_text": ERROR_PROXIES[proxy],
-        "total_error": solution.error,
-    }
-    if latency is not None:
-        predicted = dense.scale * (fixed_cost + solution.cost)
-        record.update(
-            dense_ms=dense.total_ms,
-            scale=dense.scale,
-            predicted_ms=predicted,
-            predicted_speedup=dense.total_ms / predicted,
-            latency_model=latency.to_dict(),
+        entry = LayerPlan(
+            path=path,
+            type=type(module).__name__,
+            shape=list(module.weight.shape),
+            action=row["action"],
+            ranks=list(row["ranks"]),
+            reason=None,
+            params_before=layer_params(module),
+            params_after=int(row["params"]),
+            macs_before=int(rows[0]["macs"]),
+            macs_after=int(row["macs"]),
+            in_hw=hw_list(geom.in_hw),
+            out_hw=hw_list(geom.out_hw),
         )
-    return Plan(
-        model=model_name,
-        method="auto",
-        config=config.to_dict(),
-        input_shape=list(example_input.shape),
-        layers=ordered,
-        target=record,
-        totals=totals,
-    )
+    entry.info = {"candidates": rows, "chosen": j, "error_proxy": proxy}
+    return entry
 
 
 def _unreachable(target: Target, model_name: str, best_total: float, dense_total: float) -> str:
