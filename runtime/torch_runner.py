@@ -33,10 +33,21 @@ def _import_torch() -> Any:
     return torch
 
 
+RUN_LOADER_GROUP = "lowrank_deploy.run_loaders"
+"""Entry-point group of the functions that rebuild a run directory's models (``compress`` registers
+:func:`compress.artifacts.load_run` in ``pyproject.toml``): the runtime names the extension point and needs
+nothing of the stage that fills it."""
+
+
 def _load_run(run_dir: str | os.PathLike[str], threads: int | None) -> Any:
-    """:func:`compress.artifacts.load_run`, imported here (a device with only the runtime has no compress)."""
+    """Rebuild a run's models with the registered run loader (a device with only the runtime has none)."""
+    from importlib import metadata
+
+    loaders = sorted(metadata.entry_points(group=RUN_LOADER_GROUP), key=lambda ep: ep.name)
     try:
-        from compress.artifacts import load_run
+        if not loaders:
+            raise ImportError(f"no {RUN_LOADER_GROUP!r} entry point is installed")
+        load_run = loaders[0].load()
     except ImportError as exc:
         raise RuntimeUnavailableError(
             f"the torch backend rebuilds a run with the compress stage, which is not importable here ({exc}); "
@@ -137,7 +148,7 @@ class TorchRunner(Runner):
     def from_run_dir(
         cls, run_dir: str | os.PathLike[str], which: str = "model", *, threads: int | None = None, **options: Any
     ) -> TorchRunner:
-        """Rebuild the run's dense or compressed module (:func:`compress.artifacts.load_run`) and wrap it.
+        """Rebuild the run's dense or compressed module (the registered run loader) and wrap it.
 
         Args:
             run_dir: the run directory.
@@ -156,7 +167,7 @@ class TorchRunner(Runner):
     def bench_runners(
         cls, run_dir: str | os.PathLike[str], *, threads: int | None = None, **options: Any
     ) -> dict[str, Runner]:
-        """Both models of the run, rebuilt from one :func:`compress.artifacts.load_run`."""
+        """Both models of the run, rebuilt by one call of the registered run loader."""
         run = _load_run(run_dir, threads)
         return {key: cls._from_run(run, key, **options) for key in MODELS}
 

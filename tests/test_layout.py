@@ -35,7 +35,6 @@ FLOOR_NAMES = {0: "foundation", 1: "runtime", 2: "compress", 3: "export", 4: "ch
 KNOWN_UPWARD: dict[tuple[str, str], str] = {
     ("compress.latency.int8", "export.quantize"): "int8 block timing quantizes like `export quantize`",
     ("compress.latency.int8", "export.quantize.rules"): "int8 block timing quantizes like `export quantize`",
-    ("runtime.torch_runner", "compress.artifacts"): "the torch backend rebuilds a compress run (lazy, optional)",
 }
 
 # Imports inside functions of packages outside the project: only optional or heavy dependencies, each kept
