@@ -31,11 +31,8 @@ FLOORS: dict[str, int] = {
 }
 FLOOR_NAMES = {0: "foundation", 1: "runtime", 2: "compress", 3: "export", 4: "chain"}
 
-# Upward arrows not yet turned around, each with why it is still there. This list only shrinks.
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    ("compress.latency.int8", "export.quantize"): "int8 block timing quantizes like `export quantize`",
-    ("compress.latency.int8", "export.quantize.rules"): "int8 block timing quantizes like `export quantize`",
-}
+# Upward arrows not yet turned around, each with why it is still there (none left; an entry needs a reason).
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 # Imports inside functions of packages outside the project: only optional or heavy dependencies, each kept
 # out of import time for the reason given (standard-library modules are not listed).

@@ -20,19 +20,20 @@ offset, and the latency solve's measured end-to-end correction (whole models, al
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
-
-import numpy as np
 
 from lowrank_core.errors import UserInputError
 
-__all__ = ["BLOCK_RULES", "INT8_FORMAT", "PRECISIONS", "quantize_onnx_bytes"]
+__all__ = ["BLOCK_RULES", "INT8_FORMAT", "INT8_QUANTIZER_GROUP", "PRECISIONS", "quantize_onnx_bytes"]
 
 PRECISIONS = ("fp32", "int8")
 INT8_FORMAT = "qdq-u8s8"
 BLOCK_RULES = ("narrow", "depthwise")
+
+INT8_QUANTIZER_GROUP = "lowrank_deploy.int8_quantizers"
+"""Entry-point group of the function that quantizes ONNX bytes as ``export quantize`` does (``export`` registers
+:func:`export.quantize.static.quantize_onnx_bytes` in ``pyproject.toml``): compress names the extension point and
+imports nothing of the stage above it that fills it."""
 
 
 def quantize_onnx_bytes(
@@ -53,19 +54,16 @@ def quantize_onnx_bytes(
         seed: Seed of the synthetic calibration inputs.
 
     Raises:
-        UserInputError: the export stage is not installed, or an unknown format.
+        UserInputError: no quantizer is registered (the export stage or onnxruntime is not installed).
         export.quantize.QuantizationError: ONNX Runtime could not quantize the model.
     """
+    from importlib import metadata
+
+    quantizers = sorted(metadata.entry_points(group=INT8_QUANTIZER_GROUP), key=lambda ep: ep.name)
     try:
-        from export.quantize import RULES, quantize_int8
-        from export.quantize.rules import SYNTHETIC_CALIBRATION
+        if not quantizers:
+            raise ImportError(f"no {INT8_QUANTIZER_GROUP!r} entry point is installed")
+        quantize = quantizers[0].load()
     except ImportError as exc:
         raise UserInputError(f"int8 latency needs the export stage and onnxruntime installed ({exc})") from None
-    rng = np.random.default_rng(seed)
-    shape = [int(d) for d in input_shape]
-    feeds = [{"input": rng.standard_normal(shape, dtype=np.float32)} for _ in range(SYNTHETIC_CALIBRATION)]
-    with tempfile.TemporaryDirectory(prefix="latency-int8-") as tmp:
-        source, dest = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(model_bytes)
-        quantize_int8(source, dest, feeds, fmt=fmt, rules=RULES if rules is None else rules)
-        return dest.read_bytes()
+    return quantize(model_bytes, input_shape, fmt=fmt, rules=rules, seed=seed)

@@ -18,6 +18,7 @@ from export.quantize.rules import (
     FORMATS,
     MIN_FLOAT_RANK,
     RULES,
+    SYNTHETIC_CALIBRATION,
     FloatLayer,
     QuantizationError,
     float_layers,
@@ -281,3 +282,36 @@ def time_candidates(paths: Mapping[str, Path], spec: InputSpec, threads: int | N
     config = BenchmarkConfig(warmup_iters=3, warmup_s=0.2, duration_s=seconds, min_iters=10, block=5, block_warmup=1)
     result = benchmark(runners, lambda key, r: random_feed(r.get_input_metadata(), batch=spec.shape[0]), config)
     return {k: {"p50_ms": s.p50, "p90_ms": s.p90, "n": s.n} for k, s in result.stats.items()}
+
+
+def quantize_onnx_bytes(
+    model_bytes: bytes,
+    input_shape: Sequence[int],
+    *,
+    fmt: str = "qdq-u8s8",
+    rules: Sequence[str] | None = None,
+    seed: int = 0,
+) -> bytes:
+    """``model_bytes`` (one float input named ``input``) statically quantized to int8 like ``export quantize``.
+
+    Registered as the ``lowrank_deploy.int8_quantizers`` entry point, through which the latency model's int8
+    block timing (:mod:`compress.latency.int8`) finds it without importing this stage.
+
+    Args:
+        model_bytes: An FP32 ONNX model.
+        input_shape: Its input shape (batch first): each calibration feed has it.
+        fmt: The int8 format (:data:`export.quantize.FORMATS`).
+        rules: Float-layer rules (default: the export's, :data:`export.quantize.RULES`).
+        seed: Seed of the synthetic calibration inputs (activation ranges do not change int8 kernel times).
+
+    Raises:
+        QuantizationError: ONNX Runtime could not quantize the model.
+    """
+    rng = np.random.default_rng(seed)
+    shape = [int(d) for d in input_shape]
+    feeds = [{"input": rng.standard_normal(shape, dtype=np.float32)} for _ in range(SYNTHETIC_CALIBRATION)]
+    with tempfile.TemporaryDirectory(prefix="latency-int8-") as tmp:
+        source, dest = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        source.write_bytes(model_bytes)
+        quantize_int8(source, dest, feeds, fmt=fmt, rules=RULES if rules is None else rules)
+        return dest.read_bytes()
