@@ -32,6 +32,7 @@ from lowrank_core.cli import ArgumentParser
 from lowrank_core.errors import UserInputError
 from lowrank_core.integrity import STAGE_OUTPUTS, clear_downstream, run_lock
 from lowrank_core.io import before_first_write
+from lowrank_core.progress import heartbeat
 
 __all__ = ["PROG", "Stage", "build_parser", "commands", "plan_export", "resolve", "run_dir_of", "run_stages"]
 
@@ -407,7 +408,8 @@ def run_stages(run_dir: Path, stages: list[Stage]) -> int:
     with _owned_run_dir(run_dir):
         for i, stage in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {stage.name}: {stage.command()}", flush=True)
-            with _clearing_downstream(run_dir, stage.name):  # the stage commands do it too (run_lock(stage=))
+            # A stage that writes its own progress lines silences this beat; any other still says it runs.
+            with _clearing_downstream(run_dir, stage.name), heartbeat(f"[{i}/{len(stages)}] {stage.name}"):
                 code = stage.run(stage.argv)
             if code:
                 raise UserInputError(f"stage {stage.name} failed with exit code {code}")

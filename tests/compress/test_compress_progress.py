@@ -306,3 +306,24 @@ def test_a_command_with_stderr_redirected_to_a_file_writes_progress_lines(tmp_pa
     assert proc.returncode == 0, text
     assert _eta_lines(text, "cc sensitivity curves")
     assert _eta_lines(text, "cc heuristic")
+
+
+def test_a_silent_stage_of_the_chain_still_says_it_runs_in_a_log(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``lowrank-deploy``'s stages each run inside a heartbeat: a stage that prints nothing is not silent."""
+    import time
+
+    from lowrank_deploy.pipeline import Stage, run_stages
+
+    monkeypatch.setenv(ENV_INTERVAL, "0.05")
+    monkeypatch.setenv(ENV_MODE, "lines")
+
+    def silent(argv) -> int:
+        time.sleep(0.4)  # eight intervals without a line of its own
+        return 0
+
+    assert run_stages(tmp_path / "run", [Stage("bench", "runtime", ["bench"], silent)]) == 0
+    err = capsys.readouterr().err
+    beats = [line for line in err.splitlines() if "[1/1] bench: still running" in line]
+    assert len(beats) >= 2, err
