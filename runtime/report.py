@@ -57,7 +57,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         {"model", "method", "weights", "input_shape", "backend", "batch",
          "dense": {"params", "macs", "onnx_bytes", "latency_ms": {"p50", "p90", "p99"}},
          "compressed": {same keys},
-         "parity": {"max_abs", "max_rel", "atol", "rtol",     # compressed ONNX vs its PyTorch
+         "parity": {"max_abs", "max_rel", "atol", "rtol", "reference",  # compressed ONNX vs its reference
                     "passed", "outputs": {ONNX output name: {"max_abs", "max_rel", "passed"}}},
          "parity_dense": {"max_abs", "max_rel", "passed", "outputs"},  # dense ONNX vs its PyTorch
                     # passed/outputs: absent for a parity.json written before per-output results
@@ -120,6 +120,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "max_rel": par_c.get("max_rel"),
             "atol": parity.atol,
             "rtol": parity.rtol,
+            "reference": parity.to_dict().get("reference") or "PyTorch",
             **_parity_outputs(par_c),
         },
         "parity_dense": {"max_abs": par_d.get("max_abs"), "max_rel": par_d.get("max_rel"), **_parity_outputs(par_d)},
@@ -254,7 +255,7 @@ def report_markdown(report: Mapping[str, Any], *, has_plot: bool = True) -> str:
     if par.get("atol") is not None or par.get("rtol") is not None:
         tol = f" (atol {_g(par.get('atol'))}, rtol {_g(par.get('rtol'))})"
     lines.append(
-        f"- Parity, compressed ONNX vs PyTorch: max_abs {_g(par.get('max_abs'))}, "
+        f"- Parity, compressed ONNX vs {par.get('reference') or 'PyTorch'}: max_abs {_g(par.get('max_abs'))}, "
         f"max_rel {_g(par.get('max_rel'))}{tol}; dense: max_abs {_g(par_d.get('max_abs'))}, "
         f"max_rel {_g(par_d.get('max_rel'))}"
     )

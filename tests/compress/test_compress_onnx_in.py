@@ -371,6 +371,8 @@ def test_make_export_onnx_end_to_end(tmp_path: Path) -> None:
     assert parity["compressed"]["gated"] is False
     report = json.loads((run_dir / "report.json").read_text())
     assert report["ratios"]["params"] == pytest.approx(1.5, rel=0.05)
+    assert report["parity"]["reference"] == "original ONNX"
+    assert "Parity, compressed ONNX vs original ONNX:" in (run_dir / "report.md").read_text()
     assert onnx.load(str(run_dir / "dense.onnx")).graph.node == load_input_model(model_path).graph.node
 
 
