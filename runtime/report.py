@@ -49,6 +49,18 @@ CANDIDATE = COMPRESSED
 # Report -----------------------------------------------------------------------------------------------
 
 
+def _parity_block(parity: Any, par_c: Mapping[str, Any]) -> dict[str, Any]:
+    """``report.json``'s ``parity``: the compressed model against its reference (PyTorch, or the original ONNX)."""
+    return {
+        "max_abs": par_c.get("max_abs"),
+        "max_rel": par_c.get("max_rel"),
+        "atol": parity.atol,
+        "rtol": parity.rtol,
+        "reference": parity.to_dict().get("reference") or "PyTorch",
+        **_parity_outputs(par_c),
+    }
+
+
 def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Assemble ``report.json`` and ``report.md`` from a run directory; return the JSON dict.
 
@@ -115,14 +127,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "batch": latency.batch,
         BASELINE: sides[BASELINE],
         CANDIDATE: sides[CANDIDATE],
-        "parity": {
-            "max_abs": par_c.get("max_abs"),
-            "max_rel": par_c.get("max_rel"),
-            "atol": parity.atol,
-            "rtol": parity.rtol,
-            "reference": parity.to_dict().get("reference") or "PyTorch",
-            **_parity_outputs(par_c),
-        },
+        "parity": _parity_block(parity, par_c),
         "parity_dense": {"max_abs": par_d.get("max_abs"), "max_rel": par_d.get("max_rel"), **_parity_outputs(par_d)},
         "sparse_onnx": None if stale else _sparse_onnx(parity.sparse_onnx),
         "sparse_storage": _sparse_storage(comp.sparse_storage),
