@@ -34,7 +34,14 @@ from compress.ranks import RANK_RULES, Candidate, EVBMFRule, rank_rule, select_r
 from compress.targets import Target, check_target, target_text
 from lowrank_core.errors import CompressionError, UserInputError
 
-__all__ = ["CONV_METHODS", "LowRankConfig", "LowRankMethod", "apply_factorizations_", "plan_lowrank"]
+__all__ = [
+    "CONV_METHODS",
+    "LowRankConfig",
+    "LowRankMethod",
+    "apply_factorizations_",
+    "plan_lowrank",
+    "select_plan_ranks",
+]
 
 CONV_METHODS = ("tucker2", "svd", "tai", "cp")
 
@@ -135,7 +142,7 @@ def plan_lowrank(
         raise CompressionError(
             f"nothing to compress in {model_name}: every Conv2d/Linear is excluded by rule (see the plan reasons)"
         )
-    rule, selection, warnings = _select(candidates, config, total_params, total_macs)
+    rule, selection, warnings = select_plan_ranks(candidates, config, total_params, total_macs)
     for cand in candidates:
         entries[cand.path] = _layer_entry(cand, selection)
     layers = [entries[p] for p, m in model.named_modules() if p in entries]
@@ -199,7 +206,7 @@ def _candidates(
     return entries, candidates
 
 
-def _select(
+def select_plan_ranks(
     candidates: list[Candidate], config: LowRankConfig, total_params: int, total_macs: int
 ) -> tuple[Any, Any, list[str]]:
     """Step 2: the rank rule's ranks for the target, falling back from EVBMF to uniform where it cannot reach it.

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from compress.factorizations import Factorization, factorization
-from compress.methods.lowrank import CONV_METHODS, LowRankConfig
+from compress.methods.lowrank import CONV_METHODS, LowRankConfig, select_plan_ranks
 from compress.onnx_in.layers import OnnxLayer
 from compress.plan import KEEP, LayerPlan, Plan
 from compress.planning import hw_list, plan_totals
-from compress.ranks import Candidate, EVBMFRule, RankSelection, rank_rule, select_ranks
-from compress.targets import target_text
+from compress.ranks import Candidate, rank_rule
 from lowrank_core.errors import CompressionError, UserInputError
 
 __all__ = ["ONNX_METHODS", "check_onnx_method", "layer_entry", "plan_onnx_layers"]
@@ -154,7 +152,8 @@ def plan_onnx_layers(
             f"nothing to compress in {model_name}: no Conv/Gemm/MatMul with a constant weight may be factorized "
             "(see the plan reasons)"
         )
-    selection, rule_name, warnings = _select(candidates, config, total_params, total_macs)
+    rule, selection, warnings = select_plan_ranks(candidates, config, total_params, total_macs)
+    rule_name = rule.name
     by_path = {layer.path: layer for layer in layers}
     for cand in candidates:
         ranks = selection.ranks[cand.path]
@@ -186,48 +185,3 @@ def plan_onnx_layers(
         totals=totals,
         warnings=warnings,
     )
-
-
-def _select(
-    candidates: list[Candidate], config: LowRankConfig, total_params: int, total_macs: int
-) -> tuple[RankSelection, str, list[str]]:
-    """Rank selection with the EVBMF fallbacks of :func:`compress.methods.lowrank.plan_lowrank`."""
-    rule: Any = rank_rule(config.rank_rule)
-    warnings: list[str] = []
-    if isinstance(rule, EVBMFRule) and not rule.has_structure(candidates):
-        if config.ratio is None and config.flops is None:
-            raise CompressionError(
-                "EVBMF found no structure in any layer and no RATIO was given; pass RATIO= or FLOPS="
-            )
-        warnings.append(
-            "EVBMF found no structure above the noise level in any layer (random or untrained weights?): "
-            "fell back to the uniform rank rule for the target ratio"
-        )
-        rule = rank_rule("uniform")
-    knob = 1.0 - config.energy if rule.name == "energy" else config.omega
-
-    def select(rule: Any) -> RankSelection:
-        return select_ranks(
-            candidates,
-            rule,
-            total_params=total_params,
-            ratio=config.ratio,
-            knob=knob,
-            round_to=config.round_to,
-            min_rank=config.min_rank,
-            total_macs=total_macs,
-            flops=config.flops,
-        )
-
-    try:
-        selection = select(rule)
-    except CompressionError as exc:
-        if not isinstance(rule, EVBMFRule):
-            raise
-        warnings.append(
-            f"EVBMF cannot reach {target_text(config.ratio, config.flops)} ({exc}); fell back to the uniform rank rule"
-        )
-        rule = rank_rule("uniform")
-        selection = select(rule)
-    warnings.extend(selection.warnings)
-    return selection, rule.name, warnings
