@@ -16,13 +16,13 @@ from compress.methods.cc.allocation import LayerDecision, Trajectory, allocate_r
 from compress.methods.cc.config import MAX_RATE, METHOD, THINNING_CONVENTION, WEIGHT_ONLY_WARNING, CollaborativeConfig
 from compress.methods.cc.modules import DECOMP, PRUNE, ConvShape
 from compress.methods.cc.routes import Route, input_routes
+from compress.methods.cc.rules import skip_reason
 from compress.methods.cc.scores import gradient_statistics
 from compress.methods.cc.sensitivity import fit_exponential, sensitivity_curve
 from compress.metrics import count_params, trace_geometry
 from compress.plan import KEEP, LayerPlan, Plan
 from compress.planning import (
     FilterFn,
-    common_skip_reason,
     find_stem,
     hw_list,
     keep_entry,
@@ -34,32 +34,6 @@ from lowrank_core.errors import CompressionError
 from lowrank_core.progress import Progress
 
 __all__ = ["plan_cc"]
-
-
-def _skip_reason(
-    module: nn.Module,
-    path: str,
-    geom: LayerGeometry | None,
-    stem: str | None,
-    config: CollaborativeConfig,
-    filter_fn: FilterFn | None,
-) -> str | None:
-    if not isinstance(module, nn.Conv2d):
-        return "cc compresses convolutions only; the classifier is left dense (spec §7)"
-    if geom is not None and config.keep_stem and path == stem:
-        return "stem (image-input conv) is left dense by rule (spec §7)"
-    reason = common_skip_reason(module, path, geom, exclude=config.exclude, filter_fn=filter_fn)
-    if reason is not None:
-        return reason
-    if module.groups != 1:
-        return f"grouped/depthwise conv (groups={module.groups}) is left dense by rule"
-    if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        return "only explicit zero padding is supported by the compressed convs"
-    if not torch.isfinite(module.weight).all():
-        return "the weight has non-finite values"
-    if module.in_channels * module.kernel_size[0] * module.kernel_size[1] < 2 and module.out_channels < 2:
-        return "a single weight: nothing to remove"
-    return None
 
 
 @dataclass
@@ -316,7 +290,7 @@ def _collect_layers(
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         geom = geometry.get(path)
-        reason = _skip_reason(module, path, geom, stem, config, filter_fn)
+        reason = skip_reason(module, path, geom, stem, config, filter_fn)
         if reason is not None:
             entries[path] = keep_entry(path, module, geom, reason)
             if isinstance(module, nn.Conv2d) and module.groups == 1 and geom is not None:
